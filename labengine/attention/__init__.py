@@ -1,0 +1,82 @@
+"""The attention interface between models and kernels.
+
+Models call `backend.forward(q, k, v, kv_cache, meta, scale)`; the backend writes the new
+keys and values into the paged KV cache and attends over it through the block table.
+Two backends implement it: the PyTorch reference (`torch_backend`, any device) and our
+Triton kernels (`triton_backend`, CUDA, or the CPU under TRITON_INTERPRET=1).
+The backend is chosen once, when the engine starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton")
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's batch (built by the ModelRunner)."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not store
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context + this step's tokens
+    context_lens: torch.Tensor  # [num_seqs] int32, tokens already cached
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    seq_lens_list: list[int] = field(default_factory=list)
+    query_lens_list: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+
+class AttentionBackend:
+    """Interface; see ARCHITECTURE.md. Subclasses implement the three methods."""
+
+    name = "base"
+
+    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
+        raise NotImplementedError
+
+    def copy_blocks(self, kv_caches, src_to_dst):
+        raise NotImplementedError
+
+    def swap_blocks(self, src_caches, dst_caches, src_to_dst):
+        raise NotImplementedError
+
+
+def resolve_backend_name(name: str | None, device: torch.device) -> str:
+    """An explicit name wins, then LABENGINE_ATTENTION_BACKEND, then triton on CUDA / torch elsewhere."""
+    if name is None or name == "auto":
+        name = os.environ.get("LABENGINE_ATTENTION_BACKEND") or None
+    if name is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"attention_backend={name!r} is not a known backend; allowed: 'auto', "
+            + ", ".join(repr(n) for n in BACKEND_NAMES)
+        )
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"attention_backend='triton' needs a CUDA device (the model runs on {device.type}); "
+            "set TRITON_INTERPRET=1 to run the Triton kernels on the CPU through Triton's interpreter, "
+            "or use attention_backend='torch'"
+        )
+    return name
+
+
+def get_attn_backend(name: str | None, device: torch.device) -> AttentionBackend:
+    name = resolve_backend_name(name, device)
+    if name == "triton":
+        from labengine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    from labengine.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
