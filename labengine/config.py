@@ -1,0 +1,190 @@
+"""Engine configuration derived from EngineArgs and the model's Hugging Face config.
+
+ModelConfig finds the model (local folder, the lab's embedded model, or the local HF
+cache), resolves the dtype and derives max_model_len the way vLLM does. CacheConfig and
+SchedulerConfig carry the paged-cache and batching limits. Nothing here touches weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from labengine.utils import logger
+
+# Config keys that bound the sequence length, in vLLM's order.
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                 "max_sequence_length", "max_seq_length", "seq_len")
+_STR_DTYPES = {"half": torch.float16, "float16": torch.float16, "float": torch.float32,
+               "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, hf_config, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on the CPU; on a GPU the config's dtype, with float32 mapped to float16 (as vLLM)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dtype = dtype.lower()
+    if dtype != "auto":
+        return _STR_DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = _STR_DTYPES.get(cfg, None)
+    if cfg in (None, torch.float32):
+        return torch.float16
+    return cfg
+
+
+def derive_max_model_len(hf_config) -> tuple[int, str]:
+    """The smallest length limit among the config's keys, times the RoPE scaling factor."""
+    found = [(getattr(hf_config, k), k) for k in _MAX_LEN_KEYS if getattr(hf_config, k, None) is not None]
+    if not found:
+        logger.warning("The model's config names no maximum length; assuming 2048.")
+        return 2048, "default"
+    length, key = min(found)
+    rope = getattr(hf_config, "rope_scaling", None)
+    if isinstance(rope, dict) and "factor" in rope:
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in ("su", "longrope", "llama3", "default", None):
+            length = int(length * rope["factor"])
+    return int(length), key
+
+
+def resolve_model(model: str, revision: Optional[str], download_dir: Optional[str]) -> Path:
+    from labengine.embedded import resolve_alias
+    from labengine.models.loader import resolve_model_path
+
+    return resolve_model_path(resolve_alias(model), revision=revision, download_dir=download_dir)
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    model_path: Path
+    tokenizer_path: Path
+    hf_config: object
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    tokenizer_revision: Optional[str] = None
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    swap_space_bytes: int
+    num_gpu_blocks_override: Optional[int]
+    cpu_kv_cache_space_bytes: int
+    num_gpu_blocks: int = 0  # set by the ModelRunner once the cache is sized
+    num_cpu_blocks: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    preemption_mode: str = "recompute"
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: torch.device
+    attention_backend: Optional[str]
+    enforce_eager: bool
+    max_seq_len_to_capture: int
+    max_logprobs: int
+    check_invariants: bool
+    disable_log_stats: bool
+
+    @classmethod
+    def from_engine_args(cls, args) -> "EngineConfig":
+        from labengine.models.loader import load_hf_config
+
+        device = resolve_device(args.device)
+        model_path = resolve_model(args.model, args.revision, args.download_dir)
+        tokenizer_path = (resolve_model(args.tokenizer, args.tokenizer_revision, args.download_dir)
+                          if args.tokenizer else model_path)
+        hf_config = load_hf_config(model_path, trust_remote_code=args.trust_remote_code, revision=args.revision)
+        _verify_heads(hf_config, args.tensor_parallel_size)
+        derived, key = derive_max_model_len(hf_config)
+        max_model_len = derived
+        if args.max_model_len is not None:
+            if args.max_model_len > derived:
+                raise ValueError(
+                    f"User-specified max_model_len ({args.max_model_len}) is greater than the derived "
+                    f"max_model_len ({key}={derived} in model's config.json). This may lead to incorrect "
+                    "model outputs or CUDA errors. Use max_model_len <= " + str(derived) + ".")
+            max_model_len = args.max_model_len
+        max_batched = args.max_num_batched_tokens
+        if max_batched is None:
+            max_batched = max(max_model_len, 2048)
+        if max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}). "
+                "This effectively limits the maximum sequence length to max_num_batched_tokens and makes "
+                "the engine reject longer sequences. Please increase max_num_batched_tokens or decrease "
+                "max_model_len.")
+        if max_batched < args.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_batched}) must be greater than or equal to "
+                             f"max_num_seqs ({args.max_num_seqs}).")
+        _verify_swap_space(args.swap_space)
+        model_config = ModelConfig(
+            model=args.model, model_path=model_path, tokenizer_path=tokenizer_path, hf_config=hf_config,
+            dtype=resolve_dtype(args.dtype, hf_config, device), max_model_len=max_model_len,
+            served_model_name=args.served_model_name or args.model, tokenizer_mode=args.tokenizer_mode,
+            trust_remote_code=args.trust_remote_code, tokenizer_revision=args.tokenizer_revision,
+            skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format, seed=args.seed)
+        cache_config = CacheConfig(
+            block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+            swap_space_bytes=int(args.swap_space * (1 << 30)), num_gpu_blocks_override=args.num_gpu_blocks_override,
+            cpu_kv_cache_space_bytes=int(args.cpu_kv_cache_space * (1 << 30)))
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
+            preemption_mode=args.resolved_preemption_mode)
+        return cls(model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
+                   device=device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                   max_seq_len_to_capture=args.max_seq_len_to_capture, max_logprobs=args.max_logprobs,
+                   check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats)
+
+
+def _verify_heads(hf_config, tp: int) -> None:
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", None)
+    if tp > 1 and heads is not None and heads % tp != 0:
+        raise ValueError(f"Total number of attention heads ({heads}) must be divisible by tensor parallel "
+                         f"size ({tp}).")
+
+
+def _verify_swap_space(swap_space_gib: float) -> None:
+    try:
+        import psutil  # optional: only for the warning/limit
+
+        total = psutil.virtual_memory().total
+    except ImportError:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    swap = swap_space_gib * (1 << 30)
+    msg = f"{swap / (1 << 30):.2f} GiB out of the {total / (1 << 30):.2f} GiB total CPU memory is allocated for the swap space."
+    if swap > 0.7 * total:
+        raise ValueError("Too large swap space. " + msg)
+    if swap > 0.4 * total:
+        logger.warning("Possibly too large swap space. %s", msg)

@@ -1,0 +1,140 @@
+"""LLM: the offline entry point, vLLM's `LLM` class.
+
+`LLM(model=...)` builds an LLMEngine; `generate(...)` validates every prompt of the call
+first (so a bad one raises before anything runs), queues them, steps the engine until all
+are done and returns one RequestOutput per prompt, in input order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from labengine.arg_utils import EngineArgs
+from labengine.llm_engine import LLMEngine
+from labengine.outputs import RequestOutput
+from labengine.sampling_params import SamplingParams
+from labengine.utils import Counter
+
+
+class LLM:
+    """An LLM for offline inference: `LLM(model).generate(prompts, sampling_params)`."""
+
+    def __init__(self, model: str, tokenizer: Optional[str] = None, tokenizer_mode: str = "auto",
+                 skip_tokenizer_init: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 dtype="auto", quantization: Optional[str] = None, revision: Optional[str] = None,
+                 tokenizer_revision: Optional[str] = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
+                 swap_space: float = 4, enforce_eager: bool = False, max_context_len_to_capture: Optional[int] = None,
+                 max_seq_len_to_capture: int = 8192, disable_custom_all_reduce: bool = False, **kwargs) -> None:
+        kwargs.setdefault("disable_log_stats", True)
+        engine_args = EngineArgs(
+            model=model, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
+            trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+            quantization=quantization, revision=revision, tokenizer_revision=tokenizer_revision, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, swap_space=swap_space, enforce_eager=enforce_eager,
+            max_context_len_to_capture=max_context_len_to_capture, max_seq_len_to_capture=max_seq_len_to_capture,
+            disable_custom_all_reduce=disable_custom_all_reduce, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(engine_args)
+        self.request_counter = Counter()
+
+    # ------------------------------------------------------------------ tokenizer
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def set_tokenizer(self, tokenizer) -> None:
+        engine = self.llm_engine
+        engine.tokenizer = tokenizer
+        from labengine.detokenizer import Detokenizer
+
+        engine.detokenizer = Detokenizer(tokenizer)
+        engine.output_processor.detokenizer = engine.detokenizer
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts=None, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 prompt_token_ids: Optional[list[list[int]]] = None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported: labengine has no LoRA adapters.")
+        inputs = self._collect_inputs(prompts, prompt_token_ids)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(inputs):
+                raise ValueError("The lengths of prompts and sampling_params must be the same.")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(inputs)
+        engine = self.llm_engine
+        # Validate the whole call before any request starts: nothing runs, nothing leaks.
+        processed = [engine.process_request(p, sp) for p, sp in zip(inputs, params_list)]
+        ids = []
+        for req in processed:
+            request_id = str(next(self.request_counter))
+            engine.add_processed_request(request_id, req)
+            ids.append(request_id)
+        return self._run_engine(ids, use_tqdm)
+
+    @staticmethod
+    def _collect_inputs(prompts, prompt_token_ids) -> list:
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("Either prompts or prompt_token_ids must be provided.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if prompt_token_ids is not None and prompt_token_ids and isinstance(prompt_token_ids[0], int):
+            prompt_token_ids = [prompt_token_ids]
+        if prompts is not None and prompt_token_ids is not None:
+            if len(prompts) != len(prompt_token_ids):
+                raise ValueError("The lengths of prompts and prompt_token_ids must be the same.")
+            return [{"prompt": p, "prompt_token_ids": t} for p, t in zip(prompts, prompt_token_ids)]
+        if prompts is not None:
+            return list(prompts)
+        return [{"prompt_token_ids": t} for t in prompt_token_ids]
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        pending = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                       postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        in_toks = out_toks = 0
+        try:
+            while pending and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            in_toks += len(out.prompt_token_ids)
+                            out_toks += sum(len(c.token_ids) for c in out.outputs)
+                            rate = bar.format_dict["elapsed"] or 1e-9
+                            bar.set_postfix_str(f"est. speed input: {in_toks / rate:.2f} toks/s, "
+                                                f"output: {out_toks / rate:.2f} toks/s", refresh=False)
+                            bar.update(1)
+                errors = [engine.request_errors.pop(i) for i in request_ids if i in engine.request_errors]
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            # Leave the engine clean and usable: abort what this call started.
+            engine.abort_request(list(pending))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return sorted(finished.values(), key=lambda o: int(o.request_id))
+
+    # ------------------------------------------------------------------ watching
+    def trace(self):
+        """`with llm.trace() as trace:` records the engine's events; `trace.to_dataframe()` tabulates them."""
+        return self.llm_engine.trace()
+
+    def add_event_listener(self, fn) -> None:
+        self.llm_engine.add_event_listener(fn)
+
+    def remove_event_listener(self, fn) -> None:
+        self.llm_engine.remove_event_listener(fn)
+
+    def __repr__(self) -> str:
+        mc = self.llm_engine.model_config
+        return f"LLM(model={mc.model!r}, dtype={mc.dtype}, device={self.llm_engine.config.device})"

@@ -1,0 +1,297 @@
+"""LLMEngine: requests in, one step at a time, RequestOutputs out.
+
+`add_request` tokenizes and validates a prompt and queues it; `step` runs one
+schedule -> forward -> sample -> process cycle and returns the outputs of every request
+that took part. `LLM` (offline) and `AsyncLLMEngine` (online) are thin loops around it.
+Every step is timed by part and published on the event bus.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterable, Optional, Union
+
+from labengine.arg_utils import EngineArgs
+from labengine.config import EngineConfig
+from labengine.detokenizer import Detokenizer, StopChecker
+from labengine.events import EventBus, RequestAdded, RequestFinished, StepFinished
+from labengine.model_runner import ModelRunner, StepTimings
+from labengine.output_processor import OutputProcessor
+from labengine.outputs import RequestOutput
+from labengine.sampler import Sampler, SamplingMetadata, SequenceGroupToSample
+from labengine.sampling_params import SamplingParams, verify_max_logprobs
+from labengine.scheduler import Scheduler, SchedulerOutputs
+from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
+from labengine.utils import Counter, cdiv, logger
+
+PromptType = Union[str, dict, list]
+
+
+class ProcessedRequest:
+    """A prompt that passed validation: text, token ids and a private copy of the params."""
+
+    __slots__ = ("prompt", "prompt_token_ids", "params")
+
+    def __init__(self, prompt, prompt_token_ids, params):
+        self.prompt, self.prompt_token_ids, self.params = prompt, prompt_token_ids, params
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        mc = config.model_config
+        logger.info("Initializing an LLM engine with config: model=%r, dtype=%s, max_model_len=%d, device=%s, "
+                    "block_size=%d, seed=%d", mc.model, mc.dtype, mc.max_model_len, config.device,
+                    config.cache_config.block_size, mc.seed)
+        self.tokenizer = None if mc.skip_tokenizer_init else _load_tokenizer(mc)
+        self.event_bus = EventBus()
+        self.model_runner = ModelRunner(config)
+        logger.info("Model weights loaded in %.2f s.", self.model_runner.load_time_s)
+        num_gpu, num_cpu = self.model_runner.determine_num_blocks()
+        config.cache_config.num_gpu_blocks, config.cache_config.num_cpu_blocks = num_gpu, num_cpu
+        self.model_runner.allocate_kv_cache(num_gpu, num_cpu)
+        logger.info("# GPU blocks: %d, # CPU blocks: %d (block_size=%d, %.1f KiB per block, attention backend: %s)",
+                    num_gpu, num_cpu, config.cache_config.block_size, self.model_runner.block_bytes / 1024,
+                    self.model_runner.attn_backend.name)
+        self.model_runner.capture_graphs()
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config.block_size, num_gpu, num_cpu,
+                                   self.event_bus)
+        self.seq_counter = Counter()
+        self.eos_token_ids = _eos_token_ids(mc, self.tokenizer)
+        self.sampler = Sampler(self.model_runner.vocab_size)
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self.stop_checker = StopChecker(mc.max_model_len, self.tokenizer, self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.scheduler, self.detokenizer, self.stop_checker,
+                                                self.seq_counter)
+        self.request_errors: dict[str, BaseException] = {}
+        self.invariant_checker = None
+        if config.check_invariants:
+            from labengine.trace import InvariantChecker
+
+            self.invariant_checker = InvariantChecker(self)
+            self.invariant_checker.attach()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return cls(engine_args.create_engine_config())
+
+    # ------------------------------------------------------------------ requests
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def process_request(self, prompt: PromptType, params: Optional[SamplingParams] = None) -> ProcessedRequest:
+        """Tokenize and validate one prompt; raises ValueError and leaves nothing behind."""
+        text, token_ids = None, None
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                token_ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+            else:
+                raise ValueError(f"A prompt dict needs a 'prompt' or 'prompt_token_ids' key, got keys {list(prompt)}")
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = prompt
+        else:
+            raise TypeError(f"prompt must be a str, a dict with 'prompt' or 'prompt_token_ids', or a list of "
+                            f"token ids; got {type(prompt).__name__}")
+        if token_ids is None:
+            if not isinstance(text, str):
+                raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+            if text == "":
+                raise ValueError("Prompt cannot be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompts must be None if skip_tokenizer_init is True")
+            token_ids = self.tokenizer.encode(text)
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("Prompt cannot be empty")
+        vocab = self.model_runner.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids contains {t!r}; token ids must be ints in [0, {vocab}).")
+        max_len = self.model_config.max_model_len
+        if len(token_ids) > max_len:
+            raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
+                             f"length of {max_len}. Make sure that `max_model_len` is no smaller than the "
+                             "number of text tokens.")
+        bs, total = self.config.cache_config.block_size, self.config.cache_config.num_gpu_blocks
+        if cdiv(len(token_ids), bs) > total:
+            raise ValueError(f"The prompt (length {len(token_ids)}) needs {cdiv(len(token_ids), bs)} KV blocks but "
+                             f"the cache has only {total} blocks of {bs} tokens.")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()
+        verify_max_logprobs(params, self.config.max_logprobs)
+        return ProcessedRequest(text, token_ids, params)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        self.add_processed_request(str(request_id), self.process_request(prompt, params), arrival_time)
+
+    def add_processed_request(self, request_id: str, req: ProcessedRequest,
+                              arrival_time: Optional[float] = None) -> None:
+        seq = Sequence(next(self.seq_counter), req.prompt, req.prompt_token_ids)
+        group = SequenceGroup(request_id, [seq], req.params, arrival_time or time.time())
+        self.scheduler.add_seq_group(group)
+        if self.event_bus.active:
+            p = req.params
+            self.event_bus.emit(RequestAdded, request_id=request_id, prompt_len=len(req.prompt_token_ids), n=p.n,
+                                best_of=p.best_of, max_tokens=p.max_tokens, temperature=p.temperature,
+                                use_beam_search=p.use_beam_search)
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        for group in self.scheduler.abort_seq_group(request_id):
+            self._finish(group, time.time())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_seqs()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_seq_groups()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        bus = self.event_bus
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        timings = StepTimings()
+        sample_s = detok_s = 0.0
+        groups: list[SequenceGroup] = [s.seq_group for s in out.scheduled_seq_groups]
+        if out.scheduled_seq_groups:
+            logits, smeta = self.model_runner.execute_model(out, self.scheduler.block_manager.block_tables, timings)
+            t2 = time.perf_counter()
+            to_process = self._sample(logits, smeta)
+            t3 = time.perf_counter()
+            sample_s = t3 - t2
+            for group in groups:
+                for seq in group.get_seqs(SequenceStatus.RUNNING):
+                    seq.num_computed_tokens = seq.get_len()
+            for group_to_sample, group_output in to_process:
+                try:
+                    self.output_processor.process_outputs([group_to_sample], [group_output])
+                except Exception as e:  # a failure in one request must not take down the others
+                    self._fail_request(group_to_sample.seq_group, e)
+            detok_s = time.perf_counter() - t3
+        else:
+            self.model_runner.apply_cache_ops(out)
+        now = time.time()
+        step_s = time.perf_counter() - t0
+        for group in groups:
+            m = group.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now - step_s
+                m.time_in_queue = m.first_scheduled_time - m.arrival_time
+            if m.first_token_time is None and any(s.get_output_len() for s in group.get_seqs()):
+                m.first_token_time = now
+            m.last_token_time = now
+            m.scheduler_time += t1 - t0
+            m.model_forward_time += timings.forward_s
+            m.model_execute_time += timings.prepare_s + timings.forward_s + sample_s
+        finished = self.scheduler.free_finished_seq_groups()
+        for group in finished + out.ignored_seq_groups:
+            self._finish(group, now)
+        outputs = [RequestOutput.from_seq_group(g) for g in groups + out.ignored_seq_groups]
+        if bus.active:
+            bm = self.scheduler.block_manager
+            num_prefill = out.num_batched_tokens if out.is_prefill else 0
+            bus.emit(StepFinished, latency_s=step_s, schedule_s=t1 - t0, prepare_s=timings.prepare_s,
+                     forward_s=timings.forward_s, sample_s=sample_s, detokenize_s=detok_s,
+                     batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1
+                                    for s in out.scheduled_seq_groups),
+                     num_prefill_tokens=num_prefill, num_decode_tokens=out.num_batched_tokens - num_prefill,
+                     kv_blocks_used=bm.get_num_used_gpu_blocks(), kv_blocks_total=bm.num_gpu_blocks,
+                     num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                     num_swapped=len(self.scheduler.swapped))
+        bus.step += 1
+        return outputs
+
+    def _sample(self, logits, smeta: SamplingMetadata):
+        """Sample the whole batch at once; if that fails, find and fail only the requests at fault."""
+        try:
+            return list(zip(smeta.groups, self.sampler(logits, smeta)))
+        except Exception:
+            if len(smeta.groups) == 1:
+                self._fail_request(smeta.groups[0].seq_group, _current_exception())
+                return []
+        ok = []
+        for g in smeta.groups:
+            rows = g.prompt_logprob_rows + g.sample_rows
+            k = len(g.prompt_logprob_rows)
+            sub = SequenceGroupToSample(seq_group=g.seq_group, seq_ids=g.seq_ids, is_prompt=g.is_prompt,
+                                        prompt_logprob_rows=list(range(k)), sample_rows=list(range(k, len(rows))))
+            try:
+                ok.append((g, self.sampler(logits[rows], SamplingMetadata(groups=[sub]))[0]))
+            except Exception as e:
+                self._fail_request(g.seq_group, e)
+        return ok
+
+    def _fail_request(self, group: SequenceGroup, exc: BaseException) -> None:
+        logger.error("Request %s failed and was aborted: %r", group.request_id, exc)
+        self.request_errors[group.request_id] = exc
+        for seq in group.get_seqs():
+            if not seq.is_finished():
+                self.scheduler.free_seq(seq, "aborted")
+                seq.status = SequenceStatus.FINISHED_ABORTED
+
+    def _finish(self, group: SequenceGroup, now: float) -> None:
+        group.metrics.finished_time = now
+        if self.event_bus.active:
+            m = group.metrics
+            seqs = group.get_seqs()
+            reasons = [SequenceStatus.get_finished_reason(s.status) for s in seqs]
+            self.event_bus.emit(RequestFinished, request_id=group.request_id, finish_reason=reasons[0],
+                                prompt_len=len(group.prompt_token_ids),
+                                output_len=max(s.get_output_len() for s in seqs),
+                                ttft_s=None if m.first_token_time is None else m.first_token_time - m.arrival_time,
+                                latency_s=now - m.arrival_time)
+
+    # ------------------------------------------------------------------ watching
+    def add_event_listener(self, fn) -> None:
+        self.event_bus.subscribe(fn)
+
+    def remove_event_listener(self, fn) -> None:
+        self.event_bus.unsubscribe(fn)
+
+    def trace(self):
+        """`with engine.trace() as trace:` records every event of the block into a Trace."""
+        from labengine.trace import Trace
+
+        return Trace(self)
+
+
+def _current_exception() -> BaseException:
+    import sys
+
+    return sys.exc_info()[1]
+
+
+def _load_tokenizer(mc):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(mc.tokenizer_path), use_fast=mc.tokenizer_mode == "auto",
+                                         trust_remote_code=mc.trust_remote_code, local_files_only=True)
+
+
+def _eos_token_ids(mc, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation_config.json (which may list several)."""
+    ids: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(str(mc.model_path), local_files_only=True)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
+        pass
+    if not ids and getattr(mc.hf_config, "eos_token_id", None) is not None:
+        eos = mc.hf_config.eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids

@@ -1,0 +1,301 @@
+"""ModelRunner: from the scheduler's decision to logits.
+
+It owns the model and the KV cache. Each step it flattens the scheduled sequences into
+one batch of tokens (input_ids, positions), says where each new token's key/value goes
+(slot_mapping) and where each sequence's cached tokens are (block_tables, seq_lens), runs
+the model, and computes logits only for the rows the sampler needs. On CUDA the KV cache
+is sized from gpu_memory_utilization after profiling a forward pass, and decode steps
+replay CUDA graphs (unless enforce_eager=True).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from labengine.attention import AttentionMetadata, get_attn_backend
+from labengine.config import EngineConfig
+from labengine.sampler import SamplingMetadata, SequenceGroupToSample
+from labengine.scheduler import SchedulerOutputs
+from labengine.sequence import SequenceStatus
+from labengine.utils import cdiv, logger
+
+_GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
+
+
+@dataclass
+class StepTimings:
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, block_manager=None) -> None:
+        from labengine.models import get_model
+
+        self.config = config
+        self.device = config.device
+        mc = config.model_config
+        self.dtype = mc.dtype
+        self.block_size = config.cache_config.block_size
+        self.max_model_len = mc.max_model_len
+        self.attn_backend = get_attn_backend(config.attention_backend, self.device)
+        t0 = time.perf_counter()
+        torch.manual_seed(mc.seed)
+        self.model = get_model(mc.model_path, mc.hf_config, self.device, self.dtype, self.attn_backend,
+                               load_format=mc.load_format)
+        self.load_time_s = time.perf_counter() - t0
+        self.vocab_size = mc.hf_config.vocab_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cpu_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_io: dict = {}
+        self._pending_forward_events = None
+
+    # ---------------------------------------------------------------- KV cache
+    @property
+    def block_bytes(self) -> int:
+        m = self.model
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_size * self.dtype.itemsize
+
+    def determine_num_blocks(self) -> tuple[int, int]:
+        cc, sc = self.config.cache_config, self.config.scheduler_config
+        if cc.num_gpu_blocks_override is not None:
+            num_gpu = cc.num_gpu_blocks_override
+        elif self.device.type == "cuda":
+            num_gpu = self._profile_num_gpu_blocks()
+        else:
+            # CPU default: cpu_kv_cache_space GiB (1 by default), but no more than every
+            # sequence the scheduler may run at full length could use.
+            enough = sc.max_num_seqs * cdiv(sc.max_model_len, self.block_size)
+            num_gpu = max(1, min(cc.cpu_kv_cache_space_bytes // self.block_bytes, enough))
+        num_cpu = int(cc.swap_space_bytes // self.block_bytes)
+        if num_gpu * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"The model's max seq len ({self.max_model_len}) is larger than the maximum number of tokens "
+                f"that can be stored in KV cache ({num_gpu * self.block_size}). Try increasing "
+                "`gpu_memory_utilization` (or num_gpu_blocks_override) or decreasing `max_model_len` when "
+                "initializing the engine.")
+        return num_gpu, num_cpu
+
+    def _profile_num_gpu_blocks(self) -> int:
+        """Run the largest prefill the scheduler allows, then give the KV cache what is left."""
+        sc = self.config.scheduler_config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = sc.max_num_batched_tokens
+        num_seqs = max(1, min(sc.max_num_seqs, num_tokens // max(1, min(sc.max_model_len, num_tokens))))
+        seq_len = num_tokens // num_seqs
+        blocks_per_seq = cdiv(seq_len, self.block_size)
+        m = self.model
+        tmp = [(torch.empty(num_seqs * blocks_per_seq, self.block_size, m.num_kv_heads, m.head_size,
+                            dtype=self.dtype, device=self.device),) * 2 for _ in range(m.num_layers)]
+        tmp_bytes = num_seqs * blocks_per_seq * self.block_bytes // 2  # K and V alias one buffer here
+        ids = torch.randint(0, self.vocab_size, (num_seqs * seq_len,), device=self.device)
+        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        tables = torch.arange(num_seqs * blocks_per_seq, device=self.device, dtype=torch.int32).view(num_seqs, -1)
+        slots = (tables.long()[:, :, None] * self.block_size
+                 + torch.arange(self.block_size, device=self.device)).view(num_seqs, -1)[:, :seq_len].reshape(-1)
+        meta = self._metadata(True, slots, [seq_len] * num_seqs, [seq_len] * num_seqs, tables)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, tmp, meta)
+            self.model.compute_logits(hidden[-num_seqs:])
+        torch.cuda.synchronize()
+        del tmp, hidden
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated() - tmp_bytes
+        current = torch.cuda.memory_allocated()
+        used = total - free
+        available = total * self.config.cache_config.gpu_memory_utilization - used - (peak - current)
+        num = int(available // self.block_bytes)
+        if num <= 0:
+            raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+                             "when initializing the engine.")
+        logger.info("Memory profile: peak activations %.2f GiB, %.2f GiB of %.2f GiB in use on the device",
+                    (peak - current) / 2**30, used / 2**30, total / 2**30)
+        return num
+
+    def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        m = self.model
+        shape = (2, m.num_layers, num_gpu_blocks, self.block_size, m.num_kv_heads, m.head_size)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
+        self.num_cpu_blocks = num_cpu_blocks  # the swap pool is allocated on first use
+
+    def _cpu_cache(self):
+        if self.cpu_caches is None:
+            m = self.model
+            shape = (2, m.num_layers, self.num_cpu_blocks, self.block_size, m.num_kv_heads, m.head_size)
+            pin = self.device.type == "cuda"
+            self.cpu_kv_cache = torch.empty(shape, dtype=self.dtype, device="cpu", pin_memory=pin)
+            self.cpu_caches = [(self.cpu_kv_cache[0, i], self.cpu_kv_cache[1, i]) for i in range(m.num_layers)]
+        return self.cpu_caches
+
+    def apply_cache_ops(self, out: SchedulerOutputs) -> None:
+        if out.blocks_to_swap_out:
+            self.attn_backend.swap_blocks(self.kv_caches, self._cpu_cache(), out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            self.attn_backend.swap_blocks(self._cpu_cache(), self.kv_caches, out.blocks_to_swap_in)
+        if out.blocks_to_copy:
+            self.attn_backend.copy_blocks(self.kv_caches, out.blocks_to_copy)
+
+    # ---------------------------------------------------------------- inputs
+    def _metadata(self, is_prefill, slot_mapping, seq_lens, query_lens, block_tables) -> AttentionMetadata:
+        dev = self.device
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        return AttentionMetadata(
+            is_prefill=is_prefill,
+            slot_mapping=slot_mapping,
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens)], dtype=torch.int32, device=dev),
+            block_tables=block_tables,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            seq_lens_list=list(seq_lens),
+            query_lens_list=list(query_lens),
+        )
+
+    def prepare_inputs(self, out: SchedulerOutputs, block_tables: dict[int, list[int]]):
+        """Flatten the scheduled sequences into one batch. Returns tensors, metadata and logits rows."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []  # flattened token index of every row the sampler needs
+        groups: list[SequenceGroupToSample] = []
+        for scheduled in out.scheduled_seq_groups:
+            group = scheduled.seq_group
+            params = group.sampling_params
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
+            sample_rows, prompt_rows = [], []
+            is_prompt = out.is_prefill and seqs[0].get_output_len() == 0
+            for seq in seqs:
+                table = block_tables[seq.seq_id]
+                seq_len = seq.get_len()
+                start = seq.num_computed_tokens if out.is_prefill else seq_len - 1
+                n = len(input_ids)
+                if out.is_prefill:
+                    input_ids.extend(seq.get_token_ids()[start:])
+                else:
+                    input_ids.append(seq.get_last_token_id())
+                positions.extend(range(start, seq_len))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, seq_len))
+                seq_lens.append(seq_len)
+                query_lens.append(seq_len - start)
+                tables.append(table)
+                if is_prompt and params.prompt_logprobs is not None and group.prompt_logprobs is None:
+                    prompt_rows.extend(range(len(logits_rows), len(logits_rows) + seq_len - start - 1))
+                    logits_rows.extend(range(n, n + seq_len - start - 1))
+                sample_rows.append(len(logits_rows))
+                logits_rows.append(len(input_ids) - 1)
+            groups.append(SequenceGroupToSample(seq_group=group, seq_ids=[s.seq_id for s in seqs],
+                                                is_prompt=is_prompt, prompt_logprob_rows=prompt_rows,
+                                                sample_rows=sample_rows))
+        dev = self.device
+        max_blocks = max(len(t) for t in tables)
+        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        meta = self._metadata(out.is_prefill, torch.tensor(slots, dtype=torch.int64, device=dev),
+                              seq_lens, query_lens, table_tensor)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta, logits_rows, SamplingMetadata(groups=groups)
+
+    # ---------------------------------------------------------------- running
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], timings: StepTimings):
+        t0 = time.perf_counter()
+        self.apply_cache_ops(out)
+        ids, pos, meta, logits_rows, sampling_metadata = self.prepare_inputs(out, block_tables)
+        t1 = time.perf_counter()
+        timings.prepare_s = t1 - t0
+        num_tokens = ids.shape[0]
+        graph_bs = self._graph_batch_size(meta)
+        if graph_bs is not None:
+            logits = self._replay_graph(graph_bs, ids, pos, meta)[:num_tokens]
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            if len(logits_rows) != num_tokens:
+                hidden = hidden[torch.tensor(logits_rows, device=self.device)]
+            logits = self.model.compute_logits(hidden)
+        timings.forward_s = time.perf_counter() - t1
+        return logits, sampling_metadata
+
+    # ---------------------------------------------------------------- CUDA graphs (decode only)
+    def _graphs_enabled(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and self.attn_backend.name == "triton")
+
+    def _graph_batch_size(self, meta: AttentionMetadata) -> Optional[int]:
+        if not self.graphs or meta.is_prefill or meta.max_seq_len > self._graph_max_len:
+            return None
+        n = meta.num_seqs
+        for size in sorted(self.graphs):
+            if size >= n:
+                return size
+        return None
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Record one decode step per batch-size bucket; later steps copy inputs in and replay."""
+        if not self._graphs_enabled():
+            return
+        t0 = time.perf_counter()
+        sc = self.config.scheduler_config
+        self._graph_max_len = min(self.config.max_seq_len_to_capture, self.max_model_len)
+        max_bs = min(sc.max_num_seqs, _GRAPH_BATCH_SIZES[-1])
+        sizes = [s for s in _GRAPH_BATCH_SIZES if s <= max_bs]
+        if max_bs not in sizes:
+            sizes.append(max_bs)
+        max_blocks = cdiv(self._graph_max_len, self.block_size)
+        dev = self.device
+        io = dict(
+            ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            pos=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            slots=torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
+            qsl=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
+        )
+        pool = None
+        for size in sorted(sizes, reverse=True):
+            meta = AttentionMetadata(
+                is_prefill=False, slot_mapping=io["slots"][:size], query_start_loc=io["qsl"][:size + 1],
+                seq_lens=io["seq_lens"][:size], context_lens=io["context_lens"][:size],
+                block_tables=io["tables"][:size], max_query_len=1, max_seq_len=self._graph_max_len,
+                seq_lens_list=[self._graph_max_len] * size, query_lens_list=[1] * size)
+            # Warm up outside the graph (Triton compiles here), then capture.
+            self.model.compute_logits(self.model(io["ids"][:size], io["pos"][:size], self.kv_caches, meta))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(io["ids"][:size], io["pos"][:size], self.kv_caches, meta))
+            pool = graph.pool()
+            self.graphs[size] = graph
+            io[("logits", size)] = logits
+        self._graph_io = io
+        torch.cuda.synchronize()
+        logger.info("Captured CUDA graphs for decode batch sizes %s in %.1f s", sorted(sizes),
+                    time.perf_counter() - t0)
+
+    def _replay_graph(self, size: int, ids, pos, meta: AttentionMetadata) -> torch.Tensor:
+        io = self._graph_io
+        n = ids.shape[0]
+        io["ids"][:n].copy_(ids)
+        io["pos"][:n].copy_(pos)
+        io["slots"][:n].copy_(meta.slot_mapping)
+        io["slots"][n:size].fill_(-1)
+        io["seq_lens"][:n].copy_(meta.seq_lens)
+        io["seq_lens"][n:size].fill_(1)
+        io["context_lens"][:n].copy_(meta.context_lens)
+        io["tables"][:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.graphs[size].replay()
+        return io[("logits", size)]

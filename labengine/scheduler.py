@@ -1,0 +1,202 @@
+"""Scheduler: continuous batching over the paged KV cache (plain Python, no tensors).
+
+Every step it decides what the model runs: either a batch of prompts to prefill
+(waiting requests admitted first-come first-served while the token budget
+`max_num_batched_tokens`, the sequence budget `max_num_seqs` and the free blocks allow),
+or one decode token for every running sequence. Requests join and leave the running batch
+between steps. When a running sequence needs a block and none is free, the newest running
+request is preempted: its blocks are freed and it is recomputed later ("recompute"), or
+its blocks are moved to the CPU pool and brought back later ("swap").
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from labengine.block_manager import AllocStatus, BlockManager
+from labengine.config import SchedulerConfig
+from labengine.events import EventBus, Preempted, Scheduled
+from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclass
+class ScheduledSequenceGroup:
+    seq_group: SequenceGroup
+    token_chunk_size: int  # tokens of this group that go through the model this step
+
+
+@dataclass
+class SchedulerOutputs:
+    scheduled_seq_groups: list[ScheduledSequenceGroup] = field(default_factory=list)
+    is_prefill: bool = False
+    num_batched_tokens: int = 0
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), copy-on-write
+    ignored_seq_groups: list[SequenceGroup] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.scheduled_seq_groups or self.blocks_to_swap_in or self.blocks_to_swap_out
+                    or self.blocks_to_copy)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
+                 event_bus: EventBus | None = None, watermark: float = 0.01) -> None:
+        self.config = config
+        self.bus = event_bus or EventBus()
+        self.block_manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, self.bus)
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: deque[SequenceGroup] = deque()
+        self.swapped: deque[SequenceGroup] = deque()
+
+    # ---- requests in and out ----
+    def add_seq_group(self, seq_group: SequenceGroup) -> None:
+        self.waiting.append(seq_group)
+
+    def abort_seq_group(self, request_ids: str | Iterable[str]) -> list[SequenceGroup]:
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        aborted = []
+        for queue in (self.waiting, self.running, self.swapped):
+            for group in [g for g in queue if g.request_id in ids]:
+                queue.remove(group)
+                for seq in group.get_seqs():
+                    if not seq.is_finished():
+                        self.free_seq(seq, "aborted")
+                        seq.status = SequenceStatus.FINISHED_ABORTED
+                aborted.append(group)
+        return aborted
+
+    def has_unfinished_seqs(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def get_num_unfinished_seq_groups(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def fork_seq(self, parent: Sequence, child: Sequence) -> None:
+        self.block_manager.fork(parent, child)
+
+    def free_seq(self, seq: Sequence, reason: str = "finished") -> None:
+        self.block_manager.free(seq, reason)
+
+    def free_finished_seq_groups(self) -> list[SequenceGroup]:
+        finished = [g for g in self.running if g.is_finished()]
+        if finished:
+            self.running = deque(g for g in self.running if not g.is_finished())
+        return finished
+
+    # ---- the decision ----
+    def schedule(self) -> SchedulerOutputs:
+        out = SchedulerOutputs()
+        if not self.swapped:
+            self._schedule_prefills(out)
+        if not out.scheduled_seq_groups:
+            self._schedule_decodes(out)
+        if self.bus.active:
+            prefill_ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups if out.is_prefill)
+            decode_ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups if not out.is_prefill)
+            self.bus.emit(Scheduled, prefill_request_ids=prefill_ids, decode_request_ids=decode_ids,
+                          num_batched_tokens=out.num_batched_tokens,
+                          token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
+                          num_running=len(self.running), num_waiting=len(self.waiting),
+                          num_swapped=len(self.swapped))
+        return out
+
+    def _num_running_seqs(self) -> int:
+        return sum(g.get_max_num_running_seqs() for g in self.running)
+
+    def _schedule_prefills(self, out: SchedulerOutputs) -> None:
+        num_tokens, num_seqs = 0, self._num_running_seqs()
+        while self.waiting:
+            group = self.waiting[0]
+            status = self.block_manager.can_allocate(group)
+            if status == AllocStatus.LATER:
+                break
+            if status == AllocStatus.NEVER:
+                # More blocks than the whole cache (possible only for a recomputed group that
+                # grew past it): finish it rather than retry forever.
+                self.waiting.popleft()
+                for seq in group.get_seqs(SequenceStatus.WAITING):
+                    seq.status = SequenceStatus.FINISHED_IGNORED
+                out.ignored_seq_groups.append(group)
+                continue
+            new_tokens = sum(s.get_num_uncomputed_tokens() for s in group.get_seqs(SequenceStatus.WAITING))
+            new_seqs = group.get_max_num_running_seqs()
+            if (num_tokens + new_tokens > self.config.max_num_batched_tokens
+                    or num_seqs + new_seqs > self.config.max_num_seqs):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(group)
+            for seq in group.get_seqs(SequenceStatus.WAITING):
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, new_tokens))
+            num_tokens += new_tokens
+            num_seqs += new_seqs
+        out.is_prefill = bool(out.scheduled_seq_groups)
+        out.num_batched_tokens = num_tokens if out.is_prefill else 0
+
+    def _schedule_decodes(self, out: SchedulerOutputs) -> None:
+        queue = list(self.running)  # oldest first
+        kept: list[SequenceGroup] = []
+        while queue:
+            group = queue.pop(0)
+            while not self.block_manager.can_append_slots(group):
+                victim = queue.pop() if queue else group  # the newest running request
+                self._preempt(victim, out)
+                if victim is group:
+                    break
+            else:
+                self._append_slots(group, out)
+                kept.append(group)
+        self.running = deque(kept)
+        if not out.preempted:
+            self._schedule_swapped(out)
+        if out.preempted:
+            # Recomputed requests go back to the front of the queue, in arrival order.
+            self.waiting = deque(sorted(self.waiting, key=lambda g: g.arrival_time))
+        out.scheduled_seq_groups = [ScheduledSequenceGroup(g, g.num_seqs(SequenceStatus.RUNNING))
+                                    for g in self.running]
+        out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
+
+    def _schedule_swapped(self, out: SchedulerOutputs) -> None:
+        num_seqs = self._num_running_seqs()
+        while self.swapped:
+            group = self.swapped[0]
+            new_seqs = group.get_max_num_running_seqs()
+            if num_seqs + new_seqs > self.config.max_num_seqs or not self.block_manager.can_swap_in(group):
+                break
+            self.swapped.popleft()
+            out.blocks_to_swap_in.extend(self.block_manager.swap_in(group))
+            for seq in group.get_seqs(SequenceStatus.SWAPPED):
+                seq.status = SequenceStatus.RUNNING
+            self._append_slots(group, out)
+            self.running.append(group)
+            num_seqs += new_seqs
+
+    def _append_slots(self, group: SequenceGroup, out: SchedulerOutputs) -> None:
+        for seq in group.get_seqs(SequenceStatus.RUNNING):
+            copy = self.block_manager.append_slots(seq)
+            if copy is not None:
+                out.blocks_to_copy.append(copy)
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutputs) -> None:
+        mode = self.config.preemption_mode
+        if mode == "swap" and not self.block_manager.can_swap_out(group):
+            mode = "recompute"  # the CPU pool is full: fall back rather than fail the request
+        if self.bus.active:
+            self.bus.emit(Preempted, request_id=group.request_id, mode=mode)
+        group.num_preemptions += 1
+        out.preempted.append(group)
+        if mode == "swap":
+            out.blocks_to_swap_out.extend(self.block_manager.swap_out(group))
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+        else:
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                self.free_seq(seq, "preempted")
+                seq.reset_for_recompute()
+            self.waiting.appendleft(group)
