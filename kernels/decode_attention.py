@@ -1,0 +1,326 @@
+"""Decode attention over the paged KV cache (flash-decoding, grouped-query, split-KV).
+
+One query token per sequence attends to all of its cached keys, read through the block
+table. The design follows vLLM's `triton_decode_attention` (from LightLLM/SGLang):
+
+* Stage 1, grid (batch, kv_head, num_splits). One program owns one KV head of one
+  sequence and one slice ("split") of its context. It loads the query heads that share
+  that KV head as one [BLOCK_H, BLOCK_D] tile (padded to >= 16 rows), so q.K^T and P.V
+  are `tl.dot`s on tensor cores and every K/V byte is read exactly once per KV head.
+  It walks its slice in tiles of BLOCK_N keys that are whole pages, looking up the
+  physical block of each page in the block table, with an online (running-max) softmax,
+  and writes a normalised partial output plus its log-sum-exp.
+* Stage 2, grid (batch, q_head), merges the splits weighted by exp(lse - max lse).
+  With a single split, stage 1 writes the final output directly and stage 2 is skipped.
+
+Splitting the context (flash-decoding) matters when batch * kv_heads programs cannot
+fill the GPU: batch 1 with 8 KV heads is 8 programs on a 132-SM H200. The launcher picks
+the split count from host integers only (batch size and max_seq_len), so the launch is
+CUDA-graph capturable; under graph capture the runner passes max_seq_len = max_model_len.
+
+`decode_attention_ref` at the bottom is the PyTorch reference the tests compare against.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """tl.dot; with IEEE, upcast to fp32 and multiply exactly (no tf32).
+
+    IEEE is set for fp32 inputs (so fp32 results match the fp32 reference to ~1e-6) and
+    for every dtype under TRITON_INTERPRET=1, whose numpy tl.dot multiplies bf16 inputs
+    as raw uint16 bits (triton 3.9); the upcast is exact, so results are unchanged.
+    """
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def dot_ieee(dtype: torch.dtype, device: torch.device) -> bool:
+    """The DOT_IEEE constexpr for inputs of this dtype on this device (CPU = interpreter)."""
+    return dtype == torch.float32 or device.type != "cuda"
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    Q,  # [B, Hq, D] query, last dim contiguous (may be a strided view of a fused qkv)
+    K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache, last dim contiguous
+    V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache, last dim contiguous
+    Block_tables,  # [B, max_blocks] int32 physical block of each logical block
+    Seq_lens,  # [B] int32 number of cached keys of each sequence (incl. this token)
+    Out,  # [B, Hq, D] final output (written when NUM_SPLITS == 1)
+    Mid_o,  # [B, Hq, NUM_SPLITS, D] fp32 normalised partial outputs (NUM_SPLITS > 1)
+    Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp of each split (NUM_SPLITS > 1)
+    sm_scale_log2,  # float: softmax scale * log2(e)
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh,
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # next_pow2(GROUP), at least 16 (tl.dot needs M >= 16)
+    BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM)
+    PAGE_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_N: tl.constexpr,  # keys per tile, a multiple of PAGE_SIZE
+    NUM_SPLITS: tl.constexpr,
+    DOT_IEEE: tl.constexpr,  # exact fp32 dots (fp32 inputs, or any input in the interpreter)
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(Seq_lens + b)
+    # Split boundaries are aligned to BLOCK_N so every tile is made of whole pages.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_h
+
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    bt_row = Block_tables + b.to(tl.int64) * stride_bt
+    k_head = K_cache + kvh * stride_kh
+    v_head = V_cache + kvh * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        mask_n = pos < end
+        page = tl.load(bt_row + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        tok = pos % PAGE_SIZE
+        # K^T tile [BLOCK_D, BLOCK_N]; V tile [BLOCK_N, BLOCK_D]
+        k = tl.load(
+            k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None],
+            mask=mask_d[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        qk = dot(q, k, DOT_IEEE)
+        qk = tl.where(mask_n[None, :], qk * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        pv = dot(p.to(v.dtype), v, DOT_IEEE)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # An empty split (short sequence) has l_i == 0: write zeros and lse = -inf.
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+    acc = acc / safe_l[:, None]
+    mask_hd = mask_h[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(
+            Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=mask_hd,
+        )
+    else:
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(safe_l), float("-inf"))
+        tl.store(
+            Mid_o + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+            acc,
+            mask=mask_hd,
+        )
+        tl.store(Mid_lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    Mid_o,  # [B, Hq, NUM_SPLITS, D] fp32 partial outputs from stage 1
+    Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp per split (-inf = empty split)
+    Out,  # [B, Hq, D] output
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # next_pow2(NUM_SPLITS)
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(Mid_lse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): output 0
+    w = tl.math.exp2(lse - m)  # [SPLITS_PAD]; 0 for empty splits
+    o = tl.load(
+        Mid_o + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    den = tl.sum(w, 0)
+    num = tl.sum(w[:, None] * o, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, merge) dominates
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index) -> int:
+    if device_index is None:  # CPU under TRITON_INTERPRET=1: pretend to be a tiny GPU
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _num_sms(None)
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+    """Split count from host integers only (CUDA-graph safe).
+
+    batch * kv_heads programs without splitting; if that is under two waves of the SMs,
+    split each context so the grid reaches about two programs per SM, but never below
+    MIN_TOKENS_PER_SPLIT keys per split. Rounded to a power of two (the merge pads to one).
+    """
+    programs = batch * num_kv_heads
+    if programs >= 2 * sms:
+        return 1
+    want = triton.cdiv(2 * sms, programs)
+    cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    n = min(triton.next_power_of_2(want), cap, MAX_SPLITS)
+    return max(1, n)
+
+
+def decode_attention(
+    query: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32, keys per sequence (this token included)
+    scale: float,
+    max_seq_len: int,  # host int: upper bound of seq_lens (max_model_len under graph capture)
+    out: torch.Tensor | None = None,  # [B, Hq, D], written in place if given
+    num_splits: int | None = None,  # override the heuristic (tests, benchmarks)
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Paged decode attention; returns out [B, Hq, D] in query's dtype.
+
+    Tiling: BLOCK_H = the GQA group padded to >= 16 rows (tensor-core M), BLOCK_D = head
+    size padded to a power of two (80 -> 128, masked), BLOCK_N = 64 keys (4 pages of 16 or
+    2 of 32; a whole number of pages so each tile reads whole blocks), capped so that the
+    K and V tiles stay small for head size 256. 4 warps; 2-3 pipeline stages overlap the
+    next tile's page loads with this tile's dots. No host syncs: safe under CUDA graphs.
+    """
+    B, Hq, D = query.shape
+    num_blocks, page_size, Hkv, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
+    assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=query.dtype, device=query.device)
+    if B == 0:
+        return out
+    BLOCK_H = max(16, triton.next_power_of_2(group))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if block_n is None:
+        block_n = 64 if BLOCK_D <= 128 else 32
+    BLOCK_N = max(block_n, triton.next_power_of_2(page_size), 16)
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_seq_len, num_sms(query.device))
+    if num_warps is None:
+        num_warps = 4 if BLOCK_H * BLOCK_D <= 16 * 128 else 8
+    if num_stages is None:
+        num_stages = 2 if BLOCK_D > 128 or query.dtype == torch.float32 else 3
+
+    if num_splits > 1:
+        mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=query.device)
+    else:
+        mid_o, mid_lse = out, out  # unused placeholders
+    mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if num_splits > 1 else (0, 0, 0)
+    ml_strides = (mid_lse.stride(0), mid_lse.stride(1)) if num_splits > 1 else (0, 0)
+
+    _decode_stage1_kernel[(B, Hkv, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        scale * LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        *mo_strides,
+        *ml_strides,
+        GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_stage2_kernel[(B, Hq)](
+            mid_o, mid_lse, out,
+            *mo_strides, *ml_strides,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if BLOCK_D <= 128 else 8,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale, compute_dtype=torch.float32):
+    """PyTorch reference: gather each sequence's keys through its block table, softmax, sum.
+
+    query [B, Hq, D]; k/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks];
+    seq_lens [B]. Returns [B, Hq, D] in compute_dtype (the tests use float64).
+    """
+    B, Hq, D = query.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    lens = seq_lens.long()
+    max_len = int(lens.max()) if B else 0
+    pos = torch.arange(max_len, device=query.device)
+    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    valid = pos[None, :] < lens[:, None]
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    k = k_cache.reshape(-1, Hkv, D)[slots].to(compute_dtype)  # [B, L, Hkv, D]
+    v = v_cache.reshape(-1, Hkv, D)[slots].to(compute_dtype)
+    q = query.to(compute_dtype).view(B, Hkv, group, D)
+    s = torch.einsum("bhgd,blhd->bhgl", q, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(B, Hq, D)

@@ -1,0 +1,118 @@
+"""Decode (flash-decoding) kernel vs its PyTorch reference, on fresh random paged caches."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_test_utils import DEVICE, assert_close, make_paged, requires_cuda
+
+from labengine.kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["fp32", "fp16", "bf16"]
+
+
+def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, num_splits, seed, query=None):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, table = make_paged(seq_lens, num_kv_heads, head_size, block_size, dtype, gen=gen)
+    B = len(seq_lens)
+    if query is None:
+        query = torch.randn(B, num_heads, head_size, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_size**-0.5
+    out = torch.full((B, num_heads, head_size), float("nan"), dtype=dtype, device=DEVICE)  # poison
+    decode_attention(query, k_cache, v_cache, table, lens, scale, max_seq_len=max(seq_lens), out=out,
+                     num_splits=num_splits)
+    ref = decode_attention_ref(query, k_cache, v_cache, table, lens, scale, compute_dtype=torch.float64)
+    assert_close(out, ref, dtype, f"decode B={B} H={num_heads}/{num_kv_heads} D={head_size} bs={block_size} S={num_splits}")
+
+
+# ragged lengths: 1 token, a partial last block, an exact multiple of the block size
+LENS = [1, 45, 64, 100]
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_decode_head_sizes(head_size, dtype):
+    run_case(LENS, 8, 2, head_size, 16, dtype, num_splits=2, seed=head_size)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_decode_gqa_block_sizes(heads, block_size, dtype):
+    # the single-split path (stage 1 writes the output) and a 3-way split (stage 2 merges)
+    run_case(LENS, *heads, 64, block_size, dtype, num_splits=1, seed=block_size + heads[1])
+    run_case([7, 130, 33], *heads, 64, block_size, dtype, num_splits=3, seed=7 * block_size)
+
+
+def test_decode_many_splits_with_empty_ones():
+    # 8 splits of a 20-token sequence: most splits are empty and must not pollute the merge
+    run_case([20, 3, 200], 8, 2, 64, 16, torch.float32, num_splits=8, seed=11)
+
+
+def test_decode_strided_query():
+    # the model passes q as a view of a fused qkv projection: [T, (Hq + 2 Hkv) * D]
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D = 3, 8, 2, 64
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=gen).to(DEVICE)
+    q = qkv[:, : Hq * D].view(B, Hq, D)
+    assert not q.is_contiguous()
+    run_case([5, 40, 17], Hq, Hkv, D, 16, torch.float32, num_splits=2, seed=5, query=q)
+
+
+def test_choose_num_splits():
+    # big batches: no split; batch 1 on a long context: split to fill the SMs, capped
+    assert choose_num_splits(64, 8, 4096, 132) == 1
+    assert choose_num_splits(1, 8, 32768, 132) == 64
+    assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
+    assert 1 <= choose_num_splits(4, 8, 2048, 132) <= 2048 // 256
+
+
+# ---------------------------------------------------------------- real sizes, GPU only
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+def test_decode_real_sizes(dtype, head_size):
+    gen = torch.Generator().manual_seed(head_size)
+    lens = torch.randint(1, 4096, (60,), generator=gen).tolist() + [4096, 1, 16, 17]
+    run_case(lens, 32, 8, head_size, 16, dtype, num_splits=None, seed=head_size)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_decode_real_sizes_gqa_block32_long(dtype):
+    gen = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 4096, (12,), generator=gen).tolist() + [4096, 1]
+    run_case(lens, 32, 32, 128, 32, dtype, num_splits=None, seed=2)  # GQA 1
+    run_case(lens, 64, 8, 128, 32, dtype, num_splits=None, seed=3)  # GQA 8
+    # batch 1, long context: the split-KV path chosen by the launcher
+    run_case([32768 - 5], 32, 8, 128, 16, dtype, num_splits=None, seed=4)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay():
+    """Captured once with max_seq_len = max_model_len, replayed with other lengths and inputs."""
+    dtype, B, Hq, Hkv, D, bs, max_model_len = torch.bfloat16, 4, 32, 8, 128, 16, 8192
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache, table = make_paged([max_model_len] * B, Hkv, D, bs, dtype, gen=gen)
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.full((B,), 10, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(B, Hq, D, dtype=dtype, device=DEVICE)
+    kw = dict(max_seq_len=max_model_len, out=out)
+    decode_attention(q, k_cache, v_cache, table, lens, D**-0.5, **kw)  # compile outside the graph
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        decode_attention(q, k_cache, v_cache, table, lens, D**-0.5, **kw)
+    for new_lens in ([1, 77, 4096, 8192], [8000, 3, 16, 513]):
+        q.copy_(torch.randn(B, Hq, D, generator=gen).to(dtype))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        g.replay()
+        ref = decode_attention_ref(q, k_cache, v_cache, table, lens, D**-0.5, compute_dtype=torch.float64)
+        assert_close(out, ref, dtype, f"graph replay {new_lens}")
