@@ -157,6 +157,10 @@ class BlockManager:
         needed = len(self._unique_blocks(seq_group, SequenceStatus.SWAPPED)) + seq_group.num_seqs(SequenceStatus.SWAPPED)
         return self.gpu_allocator.get_num_free_blocks() - needed >= self.watermark_blocks
 
+    def swap_in_never_fits(self, seq_group: SequenceGroup) -> bool:
+        needed = len(self._unique_blocks(seq_group, SequenceStatus.SWAPPED)) + seq_group.num_seqs(SequenceStatus.SWAPPED)
+        return needed > self.num_gpu_blocks - self.watermark_blocks
+
     def can_swap_out(self, seq_group: SequenceGroup) -> bool:
         return len(self._unique_blocks(seq_group, SequenceStatus.RUNNING)) <= self.cpu_allocator.get_num_free_blocks()
 

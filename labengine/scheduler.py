@@ -165,6 +165,14 @@ class Scheduler:
         num_seqs = self._num_running_seqs()
         while self.swapped:
             group = self.swapped[0]
+            if self.block_manager.swap_in_never_fits(group):
+                # Its sequences together outgrew the whole cache: end them where they are.
+                self.swapped.popleft()
+                for seq in group.get_seqs(SequenceStatus.SWAPPED):
+                    self.free_seq(seq, "finished")
+                    seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+                out.ignored_seq_groups.append(group)
+                continue
             new_seqs = group.get_max_num_running_seqs()
             if num_seqs + new_seqs > self.config.max_num_seqs or not self.block_manager.can_swap_in(group):
                 break
