@@ -77,7 +77,7 @@ def test_choose_num_splits():
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 def test_decode_real_sizes(dtype, head_size):
     gen = torch.Generator().manual_seed(head_size)
-    lens = torch.randint(1, 4096, (60,), generator=gen).tolist() + [4096, 1, 16, 17]
+    lens = torch.randint(1, 4096, (20,), generator=gen).tolist() + [4096, 1, 16, 17]
     run_case(lens, 32, 8, head_size, 16, dtype, num_splits=None, seed=head_size)
 
 
