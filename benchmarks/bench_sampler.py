@@ -1,0 +1,80 @@
+"""Sampler cost per step: batch of decode sequences, default SamplingParams.
+
+    PYTHONPATH=. python benchmarks/bench_sampler.py [--batch 64] [--vocab 6000 50257]
+        [--iters 50] [--threads N] [--params default|greedy|seeded|topk_topp|penalties|logprobs]
+
+Prints milliseconds per Sampler call (median and mean over --iters calls after warm-up),
+for each vocabulary size. Compare with the engine's step time for the same batch: the
+sampler should stay under 10% of it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from labengine.sampler import Sampler, SamplingMetadata, SequenceGroupToSample
+from labengine.sampling_params import SamplingParams
+from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+PARAMS = {
+    "default": lambda i: SamplingParams(),
+    "greedy": lambda i: SamplingParams(temperature=0.0),
+    "seeded": lambda i: SamplingParams(temperature=0.8, seed=i),
+    "topk_topp": lambda i: SamplingParams(temperature=0.8, top_k=50, top_p=0.9),
+    "penalties": lambda i: SamplingParams(presence_penalty=0.5, frequency_penalty=0.5,
+                                          repetition_penalty=1.2),
+    "logprobs": lambda i: SamplingParams(logprobs=5),
+}
+
+
+def build_batch(batch: int, vocab: int, kind: str, prompt_len: int = 64, output_len: int = 32):
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        seq = Sequence(i, None, prompt)
+        for t in torch.randint(0, vocab, (output_len,), generator=g).tolist():
+            seq.append_token_id(t, {}, 0.0)
+        seq.status = SequenceStatus.RUNNING
+        sg = SequenceGroup(str(i), [seq], PARAMS[kind](i), 0.0)
+        groups.append(SequenceGroupToSample(sg, [i], False, [], [i]))
+    return SamplingMetadata(groups=groups)
+
+
+def bench(batch: int, vocab: int, kind: str, iters: int) -> tuple[float, float]:
+    sampler = Sampler(vocab)
+    meta = build_batch(batch, vocab, kind)
+    logits = torch.randn(batch, vocab, dtype=torch.float32)
+    for _ in range(5):
+        sampler(logits, meta)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sampler(logits, meta)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), statistics.fmean(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[6000, 50257])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--params", nargs="+", default=["default"], choices=sorted(PARAMS))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}")
+    for kind in args.params:
+        for vocab in args.vocab:
+            med, mean = bench(args.batch, vocab, kind, args.iters)
+            print(f"params={kind:<10} vocab={vocab:>6}: {med:7.3f} ms/call (median), "
+                  f"{mean:7.3f} ms (mean)")
+
+
+if __name__ == "__main__":
+    main()
