@@ -91,14 +91,19 @@ class OutputProcessor:
                 seq_group.remove(parent.seq_id)
                 self.scheduler.free_seq(parent)
                 continue
-            for child_sample in child_samples[:-1]:
+            # The parent continues with the first sample; each other sample goes to a new
+            # child forked from the parent's state before this step's token. (vLLM gives the
+            # parent the last sample instead; only the indices of the completions differ.)
+            children = []
+            for child_sample in child_samples[1:]:
                 child = parent.fork(next(self.seq_counter))
                 child.append_token_id(child_sample.output_token, child_sample.logprobs,
                                       child_sample.logprob)
-                child_seqs.append((child, parent))
-            last = child_samples[-1]
-            parent.append_token_id(last.output_token, last.logprobs, last.logprob)
+                children.append((child, parent))
+            first = child_samples[0]
+            parent.append_token_id(first.output_token, first.logprobs, first.logprob)
             child_seqs.append((parent, parent))
+            child_seqs.extend(children)
 
         for seq, _ in child_seqs:
             if params.detokenize and self.detokenizer is not None:

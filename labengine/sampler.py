@@ -196,7 +196,7 @@ class Sampler:
         self.eos_token_ids: set[int] = set(eos_token_ids or ())
 
     # ------------------------------------------------------------------ main entry
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata
                  ) -> list[SequenceGroupOutput]:
         groups = metadata.groups

@@ -162,6 +162,8 @@ class SamplingParams:
         self.logits_processors = logits_processors
         self.include_stop_str_in_output = include_stop_str_in_output
         self.truncate_prompt_tokens = truncate_prompt_tokens
+        if not all(isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         # Number of characters held back from streamed (unfinished) text, so that a stop
         # string that is still being completed never shows and the text never backtracks.
         if self.stop and not include_stop_str_in_output:
@@ -240,8 +242,6 @@ class SamplingParams:
             raise ValueError(f"truncate_prompt_tokens must be >= 1, "
                              f"got {self.truncate_prompt_tokens}")
         _check_real("length_penalty", self.length_penalty)
-        if not all(isinstance(s, str) for s in self.stop):
-            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         if any(not stop_str for stop_str in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if not all(_is_int(t) for t in self.stop_token_ids):
