@@ -11,7 +11,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["fp32", "fp16", "bf16"]
 
 
-def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, num_splits, seed, query=None):
+def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, num_splits, seed, query=None, **kw):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, table = make_paged(seq_lens, num_kv_heads, head_size, block_size, dtype, gen=gen)
     B = len(seq_lens)
@@ -21,7 +21,7 @@ def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, nu
     scale = head_size**-0.5
     out = torch.full((B, num_heads, head_size), float("nan"), dtype=dtype, device=DEVICE)  # poison
     decode_attention(query, k_cache, v_cache, table, lens, scale, max_seq_len=max(seq_lens), out=out,
-                     num_splits=num_splits)
+                     num_splits=num_splits, **kw)
     ref = decode_attention_ref(query, k_cache, v_cache, table, lens, scale, compute_dtype=torch.float64)
     assert_close(out, ref, dtype, f"decode B={B} H={num_heads}/{num_kv_heads} D={head_size} bs={block_size} S={num_splits}")
 
@@ -48,6 +48,14 @@ def test_decode_gqa_block_sizes(heads, block_size, dtype):
 def test_decode_many_splits_with_empty_ones():
     # 8 splits of a 20-token sequence: most splits are empty and must not pollute the merge
     run_case([20, 3, 200], 8, 2, 64, 16, torch.float32, num_splits=8, seed=11)
+
+
+@pytest.mark.parametrize("head_fastest", [False, True])
+def test_decode_grid_orders_and_tilings(head_fastest):
+    # the launcher's knobs (grid order, BLOCK_N, stages) change the schedule, never the result
+    for block_n, stages in ((32, 2), (128, 3)):
+        run_case([3, 90, 64], 8, 2, 64, 16, torch.bfloat16, num_splits=2, seed=block_n,
+                 head_fastest=head_fastest, block_n=block_n, num_stages=stages)
 
 
 def test_decode_strided_query():
