@@ -133,6 +133,7 @@ class ModelRunner:
             self.cpu_caches = [(self.cpu_kv_cache[0, i], self.cpu_kv_cache[1, i]) for i in range(m.num_layers)]
         return self.cpu_caches
 
+    @torch.inference_mode()
     def apply_cache_ops(self, out: SchedulerOutputs) -> None:
         if out.blocks_to_swap_out:
             self.attn_backend.swap_blocks(self.kv_caches, self._cpu_cache(), out.blocks_to_swap_out)

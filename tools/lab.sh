@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set everything up and open the lab on the embedded model: bash tools/lab.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+install_labengine lab
+"$PY" -m ipykernel install --user --name labengine --display-name "labengine" >/dev/null 2>&1 || true
+exec "$PY" -m jupyter lab --notebook-dir="$ROOT" "labs/01_llm_class.ipynb" "$@"
