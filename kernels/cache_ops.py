@@ -1,10 +1,10 @@
 """Paged KV-cache operations: store new K/V by slot, copy blocks (copy-on-write), swap blocks.
 
-* `store_kv`: grid (num_tokens, cdiv(Hkv, BLOCK_HKV)). Token t's key and value rows
-  [Hkv, D] go to cache slot slot_mapping[t] = block * block_size + offset; slot -1 is
-  skipped (padding tokens, or tokens whose KV is already cached). One program moves a
-  whole token (all KV heads when they fit in 4096 elements), so loads and stores are
-  long contiguous runs along D.
+* `store_kv`: grid (cdiv(num_tokens, BLOCK_T), cdiv(Hkv, BLOCK_HKV)). Token t's key and
+  value rows [Hkv, D] go to cache slot slot_mapping[t] = block * block_size + offset;
+  slot -1 is skipped (padding tokens, or tokens whose KV is already cached). A program
+  moves BLOCK_T whole tokens (all KV heads when they fit in 4096 elements), so loads and
+  stores are long contiguous runs along D.
 * `copy_blocks`: grid (num_pairs, cdiv(block_numel, BLOCK)), one launch per cache
   tensor; each program copies a BLOCK-element chunk of block src[i] to block dst[i].
   Destination blocks must not also be sources in the same call (true for copy-on-write:
@@ -34,6 +34,7 @@ def _store_kv_kernel(
     K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache
     V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache
     Slot_mapping,  # [T] int64 cache slot of each token, -1 = skip
+    num_tokens,  # T
     stride_kt, stride_kh,
     stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch,
@@ -41,31 +42,30 @@ def _store_kv_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_HKV: tl.constexpr,  # KV heads per program
     BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM)
 ):
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    slot = tl.load(Slot_mapping + t)
-    if slot < 0:
-        return
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = tl.load(Slot_mapping + offs_t, mask=offs_t < num_tokens, other=-1)
+    valid = slot >= 0  # out-of-range tokens and slot -1 are skipped
+    slot = tl.where(valid, slot, 0)
     blk = slot // PAGE_SIZE
     off = slot % PAGE_SIZE
-    offs_h = hb * BLOCK_HKV + tl.arange(0, BLOCK_HKV)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(Key + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(Value + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(
-        K_cache + blk * stride_kcb + off * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :],
-        k.to(K_cache.dtype.element_ty),
-        mask=mask,
-    )
-    tl.store(
-        V_cache + blk * stride_vcb + off * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
-        v.to(V_cache.dtype.element_ty),
-        mask=mask,
-    )
+    # [BLOCK_T, BLOCK_HKV, BLOCK_D] tiles: all loads of a program are issued before its stores
+    hd = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = valid[:, None, None] & hd[None, :, :]
+    t3 = offs_t[:, None, None]
+    h3 = offs_h[None, :, None]
+    d3 = offs_d[None, None, :]
+    k = tl.load(Key + t3 * stride_kt + h3 * stride_kh + d3, mask=mask)
+    v = tl.load(Value + t3 * stride_vt + h3 * stride_vh + d3, mask=mask)
+    kdst = (blk * stride_kcb + off * stride_kct)[:, None, None] + h3 * stride_kch + d3
+    vdst = (blk * stride_vcb + off * stride_vct)[:, None, None] + h3 * stride_vch + d3
+    tl.store(K_cache + kdst, k.to(K_cache.dtype.element_ty), mask=mask)
+    tl.store(V_cache + vdst, v.to(V_cache.dtype.element_ty), mask=mask)
 
 
 def store_kv(
@@ -74,12 +74,14 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+    block_t: int | None = None,  # tokens per program (override for benchmarks)
 ) -> None:
     """Write key/value into the caches at slot_mapping (in place). No host sync.
 
-    Tiling: one program per token; BLOCK_D = head size padded to a power of two,
-    BLOCK_HKV = as many KV heads as fit in 4096 elements (all of them for typical
-    models), so a program moves Hkv*D contiguous elements of K and of V.
+    Tiling: BLOCK_D = head size padded to a power of two; BLOCK_HKV = as many KV heads as
+    fit in 4096 elements (all of them for typical models), so each token's Hkv*D elements
+    move as one contiguous run; BLOCK_T tokens per program (4 when a token is <= 1024
+    elements), so each thread has several 16-byte loads in flight before its stores.
     """
     T, Hkv, D = key.shape
     assert value.shape == key.shape and k_cache.shape[2:] == (Hkv, D) and v_cache.shape == k_cache.shape
@@ -89,16 +91,18 @@ def store_kv(
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_HKV = min(triton.next_power_of_2(Hkv), max(1, 4096 // BLOCK_D))
     elems = BLOCK_HKV * BLOCK_D
-    grid = (T, triton.cdiv(Hkv, BLOCK_HKV))
+    if block_t is None:
+        block_t = max(1, min(4, 4096 // elems))
+    grid = (triton.cdiv(T, block_t), triton.cdiv(Hkv, BLOCK_HKV))
     _store_kv_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, slot_mapping, T,
         key.stride(0), key.stride(1),
         value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_HKV=BLOCK_HKV, BLOCK_D=BLOCK_D,
-        num_warps=4 if elems <= 2048 else 8,
+        BLOCK_T=block_t, BLOCK_HKV=BLOCK_HKV, BLOCK_D=BLOCK_D,
+        num_warps=4 if block_t * elems <= 2048 else 8,
     )
 
 

@@ -198,7 +198,7 @@ def _decode_stage2_kernel(
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, merge) dominates
 MAX_SPLITS = 64
-HEAD_FASTEST_DEFAULT = False
+HEAD_FASTEST_DEFAULT = True  # measured on an H200: equal or slightly faster at batch 64
 
 
 @functools.lru_cache(maxsize=None)

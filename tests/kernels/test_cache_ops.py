@@ -22,7 +22,7 @@ def rand(*shape, dtype, gen, device=DEVICE):
     return torch.randn(*shape, generator=gen).to(dtype).to(device)
 
 
-def run_store(T, Hkv, D, block_size, num_blocks, dtype, seed, fused_qkv=False):
+def run_store(T, Hkv, D, block_size, num_blocks, dtype, seed, fused_qkv=False, **kw):
     gen = torch.Generator().manual_seed(seed)
     if fused_qkv:  # key/value as strided views of one [T, (Hq + 2 Hkv) * D] projection
         Hq = 2 * Hkv
@@ -39,7 +39,7 @@ def run_store(T, Hkv, D, block_size, num_blocks, dtype, seed, fused_qkv=False):
     k_cache = rand(num_blocks, block_size, Hkv, D, dtype=dtype, gen=gen)
     v_cache = rand(num_blocks, block_size, Hkv, D, dtype=dtype, gen=gen)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv(key, value, k_cache, v_cache, slots)
+    store_kv(key, value, k_cache, v_cache, slots, **kw)
     store_kv_ref(key, value, k_ref, v_ref, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
@@ -53,6 +53,12 @@ def test_store_kv(Hkv, D, dtype):
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_store_kv_fused_qkv_views(block_size):
     run_store(29, 2, 64, block_size, 5, torch.bfloat16, seed=block_size, fused_qkv=True)
+
+
+@pytest.mark.parametrize("block_t", [1, 2, 8])
+def test_store_kv_tokens_per_program(block_t):
+    # 37 tokens: the last program is partial for every BLOCK_T > 1
+    run_store(37, 2, 64, 16, 8, torch.float16, seed=block_t, block_t=block_t)
 
 
 def test_store_kv_many_heads_split_over_programs():
