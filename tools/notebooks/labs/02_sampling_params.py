@@ -1,0 +1,192 @@
+# Source of labs/02_sampling_params.ipynb (build with `python tools/build_notebooks.py`).
+
+# %% [markdown]
+# # 2. `SamplingParams`: how the next token is chosen
+#
+# At every step the model gives a score (a *logit*) to every token of its vocabulary. The
+# sampler turns those scores into one choice. `SamplingParams` tells it how, per request:
+#
+# * **greedy** (`temperature=0`): always the most likely token, so the output is deterministic;
+# * **temperature**: divide the logits by `T` before the softmax. `T < 1` sharpens the
+#   distribution, `T > 1` flattens it;
+# * **top-k**: keep only the `k` most likely tokens;
+# * **top-p** (nucleus): keep the smallest set of most-likely tokens whose probabilities add up to `p`;
+# * **min-p**: drop tokens less likely than `min_p` times the best one;
+# * **penalties** (presence, frequency, repetition): push down tokens already used.
+#
+# The sampler applies them in a fixed order, as vLLM does:
+# penalties → temperature → top-k → top-p → min-p → draw. In this notebook you look at the
+# model's *real* next-token distribution and watch each parameter reshape it.
+
+# %%
+import numpy as np
+import matplotlib.pyplot as plt
+
+import labengine
+from labengine import LLM, SamplingParams, viz
+from labengine.widgets import SamplingExplorer
+
+MODEL = labengine.DEFAULT_MODEL
+# max_logprobs: let the engine return many alternatives per token, so we can see the whole distribution.
+llm = LLM(model=MODEL, seed=0, max_logprobs=1000)
+PROMPT = "The capital of France is"
+
+# %% [markdown]
+# ## The SamplingExplorer
+#
+# The widget below asks the engine for the next-token distribution after the prompt (one
+# step, `temperature=1`, with the top tokens' log-probabilities), then runs it through the
+# sampler's stages with the slider values. Bars outlined in grey are the model's raw
+# probabilities; filled bars are what is left after sampling. Under the chart, the engine
+# generates a continuation with the same settings and a fixed seed.
+#
+# Move the sliders: `temperature` to 0.2 and then 1.8, `top_k` to 3, `top_p` to 0.5. Type
+# another prompt. (When this notebook runs outside Jupyter the widget is just not drawn.)
+
+# %%
+explorer = SamplingExplorer(llm, PROMPT, max_tokens=16)
+explorer
+
+# %% [markdown]
+# The widget keeps what it shows in plain attributes, so code can drive it exactly as your
+# mouse does. Setting a slider's `.value` triggers the same update:
+
+# %%
+explorer.temperature.value = 1.0
+explorer.top_k.value = 3
+print("top_k=3 keeps:", explorer.kept_tokens)
+assert len(explorer.kept_tokens) == 3
+# the engine's own first sampled step kept exactly the tokens the stages predict
+kept_ids = set(explorer.stages.loc[explorer.stages["kept"], "token_id"])
+print("the engine kept the same tokens:", explorer.engine_kept == kept_ids)
+assert explorer.engine_kept == kept_ids
+
+explorer.top_k.value = -1          # back to "off"
+explorer.top_p.value = 0.5
+print("top_p=0.5 keeps:", explorer.kept_tokens)
+explorer.top_p.value = 1.0
+
+# %% [markdown]
+# ## The real distribution, parameter by parameter
+#
+# `explorer.raw_distribution()` is the model's distribution for the prompt (the most likely
+# tokens, most likely first). `viz.sampling_stages` applies the sampler's stages to it; it is
+# the same function the widget uses. Three rows: temperature, top-p, top-k.
+
+# %%
+tokens, token_ids, logprobs, prompt_ids = explorer.raw_distribution()
+print(f"{len(tokens)} tokens; the five most likely:",
+      ", ".join(f"{t!r} {np.exp(lp):.2f}" for t, lp in zip(tokens[:5], logprobs[:5])))
+
+settings = [
+    [dict(temperature=t) for t in (0.3, 1.0, 1.6)],
+    [dict(top_p=p) for p in (0.3, 0.6, 0.95)],
+    [dict(top_k=k) for k in (1, 4, 12)],
+]
+fig, axes = plt.subplots(3, 3, figsize=(15, 12), layout="constrained")
+stages = {}
+for row, row_settings in zip(axes, settings):
+    for ax, kw in zip(row, row_settings):
+        name = ", ".join(f"{k}={v}" for k, v in kw.items())
+        stages[name] = viz.sampling_stages(tokens, logprobs, token_ids, **kw)
+        kept = int(stages[name]["kept"].sum())
+        viz.plot_sampling_stages(stages[name], ax=ax, max_tokens=12, title=f"{name}: {kept} tokens kept")
+plt.show()
+
+# %% [markdown]
+# What the panels show, in numbers:
+
+# %%
+def entropy(p):
+    p = np.asarray(p)[np.asarray(p) > 0]
+    return float(-(p * np.log2(p)).sum())
+
+temps = [0.2, 0.5, 0.8, 1.0, 1.3, 1.6, 2.0]
+top_prob = [viz.sampling_stages(tokens, logprobs, token_ids, temperature=t)["p_final"].max() for t in temps]
+ent = [entropy(viz.sampling_stages(tokens, logprobs, token_ids, temperature=t)["p_final"]) for t in temps]
+for t, p, h in zip(temps, top_prob, ent):
+    print(f"T={t:3.1f}: most likely token has p={p:.2f}, entropy {h:.2f} bits")
+assert all(a >= b - 1e-9 for a, b in zip(top_prob, top_prob[1:])), "a higher T never sharpens"
+assert all(a <= b + 1e-9 for a, b in zip(ent, ent[1:])), "a higher T always flattens"
+
+for p in (0.3, 0.6, 0.95):
+    s = stages[f"top_p={p}"]
+    kept = s[s["kept"]]
+    # top-p keeps the smallest head of the ranking whose raw mass reaches p
+    assert kept["p_raw"].sum() >= p - 1e-9 and kept["p_raw"].iloc[:-1].sum() < p
+    print(f"top_p={p}: keeps {len(kept)} tokens holding {kept['p_raw'].sum():.2f} of the mass")
+for k in (1, 4, 12):
+    assert int(stages[f"top_k={k}"]["kept"].sum()) == min(k, len(tokens))
+
+# %% [markdown]
+# ## Do the engine's samples follow that distribution?
+#
+# The charts are computed. The engine samples. If they agree, sampling the first token many
+# times should reproduce the computed probabilities. One batch of 300 copies of the prompt,
+# one token each, at `temperature=0.8`:
+
+# %%
+N, T = 300, 0.8
+outs = llm.generate([PROMPT] * N, SamplingParams(temperature=T, max_tokens=1), use_tqdm=False)
+drawn = [o.outputs[0].token_ids[0] for o in outs]
+expected = viz.sampling_stages(tokens, logprobs, token_ids, temperature=T)
+top = expected.head(8)
+observed = np.array([drawn.count(int(t)) / N for t in top["token_id"]])
+for tok, p, q in zip(top["token"], top["p_final"], observed):
+    print(f"{tok!r:>14}: computed {p:.3f}   sampled {q:.3f}")
+tv = 0.5 * np.abs(top["p_final"].to_numpy() - observed).sum()
+print(f"difference on these tokens (total variation): {tv:.3f}")
+assert tv < 0.2, "300 samples should land close to the computed distribution"
+
+# %% [markdown]
+# ## The lesson's strategies, on the real model
+#
+# Same prompt, six `SamplingParams`. A fixed `seed` in `SamplingParams` makes a sampled
+# request repeatable on its own, whatever else is in the batch.
+
+# %%
+strategies = {
+    "greedy": SamplingParams(temperature=0.0, max_tokens=20),
+    "nucleus": SamplingParams(temperature=0.8, top_p=0.95, max_tokens=20, seed=1),
+    "top-k": SamplingParams(temperature=1.0, top_k=20, max_tokens=20, seed=1),
+    "beam search": SamplingParams(use_beam_search=True, best_of=3, temperature=0.0, max_tokens=20),
+    "3 completions": SamplingParams(n=3, temperature=0.8, max_tokens=20, seed=1),
+    "constrained": SamplingParams(temperature=0.0, max_tokens=20, stop=[".", "!", "?"], min_tokens=3),
+}
+results = llm.generate([PROMPT] * len(strategies), list(strategies.values()), use_tqdm=False)
+for (name, sp), res in zip(strategies.items(), results):
+    for c in res.outputs:
+        print(f"{name:>13}: {c.text!r}  ({c.finish_reason})")
+
+again = llm.generate([PROMPT], strategies["greedy"], use_tqdm=False)[0]
+assert again.outputs[0].text == results[0].outputs[0].text, "greedy is deterministic"
+assert len(results[4].outputs) == 3
+
+# %% [markdown]
+# ## Penalties
+#
+# Penalties change the logits of tokens that already appeared. `frequency_penalty` subtracts
+# a multiple of how often a token was generated, `presence_penalty` a constant once it
+# appeared at all, and `repetition_penalty` divides (or multiplies) the logits of tokens from
+# the prompt *and* the output. A small model under greedy decoding tends to loop; watch the
+# share of repeated tokens fall:
+
+# %%
+def repeated_share(token_ids):
+    return 1 - len(set(token_ids)) / len(token_ids)
+
+for kw in (dict(), dict(frequency_penalty=1.0), dict(repetition_penalty=1.5)):
+    c = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, **kw),
+                     use_tqdm=False)[0].outputs[0]
+    print(f"{str(kw or 'no penalty'):>28}: {repeated_share(c.token_ids):.0%} repeated tokens  {c.text[:70]!r}")
+
+# %% [markdown]
+# ## What to remember
+#
+# * `temperature=0` is greedy and deterministic; everything else draws from a distribution you
+#   can compute.
+# * Temperature reshapes the whole distribution; top-k, top-p and min-p cut its tail; the
+#   sampler applies them in a fixed order.
+# * A `seed` in `SamplingParams` makes one sampled request repeatable.
+#
+# Next: **3. Basic inference**, reading everything a request returns.
