@@ -61,7 +61,7 @@ def main():
             ref = None
             for backend, eager in (("torch", True), ("triton", True), ("triton", False)):
                 llm = LLM(model=path, dtype=dtype, attention_backend=backend, enforce_eager=eager,
-                          gpu_memory_utilization=0.3, max_model_len=256)
+                          gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=16)
                 if ref is None:
                     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
                     ref = hf_greedy(path, ids, dtype)
@@ -85,7 +85,7 @@ def main():
     tput = []
     for backend, eager in (("torch", True), ("triton", True), ("triton", False)):
         llm = LLM(model=labengine.DEFAULT_MODEL, attention_backend=backend, enforce_eager=eager,
-                  gpu_memory_utilization=0.3)
+                  gpu_memory_utilization=0.1, max_num_seqs=64)
         p = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
         prompts = [f"Question {i}: What is the capital of France?" for i in range(64)]
         llm.generate(prompts[:8], p, use_tqdm=False)
