@@ -304,7 +304,8 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     block_allocated), end_step (the step of block_freed, or None while still held at the
     end of the trace), reason (why it was freed), cow_src (a block_copied made this block
     from `cow_src`), copied_from (True when it was the source of a copy-on-write while held),
-    swapped_to (the cpu/gpu block it was swapped to, if any).
+    swapped_to (the cpu/gpu block it was swapped to, if any), event_index (position of the
+    block_allocated row in the frame; rows are in that order).
 
     The block is owned at step s when start_step <= s < end_step (end of step convention:
     a block allocated and freed within one step is never owned "at" a step).
@@ -314,8 +315,10 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     done: list[dict] = []
     mask = df["event"].isin(["block_allocated", "block_freed", "block_copied",
                              "block_swapped_out", "block_swapped_in"])
-    sub = df.loc[mask]
-    for r in sub.itertuples(index=False):
+    need = ["event", "step", "request_id", "seq_id", "block", "logical_index", "device", "reason",
+            "src", "dst", "gpu_block", "cpu_block"]
+    sub = df.loc[mask, [c for c in need if c in df.columns]].reindex(columns=need)
+    for pos, r in zip(np.flatnonzero(mask.to_numpy()), sub.itertuples(index=False)):
         ev = r.event
         if ev == "block_allocated":
             key = (r.device, int(r.block))
@@ -324,7 +327,8 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
                 old.update(end_step=r.step, reason="reallocated")
                 done.append(old)
             open_[key] = dict(device=r.device, block=int(r.block), request_id=r.request_id,
-                              seq_id=r.seq_id, logical_index=r.logical_index, start_step=r.step,
+                              seq_id=r.seq_id, logical_index=r.logical_index, event_index=int(pos),
+                              start_step=r.step,
                               end_step=None, reason=None, cow_src=None, copied_from=False,
                               swapped_to=None)
         elif ev == "block_freed":
@@ -356,10 +360,10 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     out = pd.DataFrame(done + list(open_.values()),
                        columns=["device", "block", "request_id", "seq_id", "logical_index",
                                 "start_step", "end_step", "reason", "cow_src", "copied_from",
-                                "swapped_to"])
+                                "swapped_to", "event_index"])
     if device is not None:
         out = out[out["device"] == device]
-    return out.sort_values(["start_step", "device", "block"], kind="stable").reset_index(drop=True)
+    return out.sort_values("event_index", kind="stable").reset_index(drop=True)
 
 
 def block_owners(df: pd.DataFrame, device: str = "gpu") -> pd.DataFrame:

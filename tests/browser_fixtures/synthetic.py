@@ -182,35 +182,28 @@ class ToyEngine:
             for r in list(self.running):
                 if r not in self.running:
                     continue
-                ok = True
+                # like the engine: a group gets room for all its sequences, or is preempted
+                def need():
+                    n = 0
+                    for q in r.seqs:
+                        t = self.block_tables[q.seq_id]
+                        n += q.length % self.block_size == 0 or self.gpu_allocator.ref_counts[t[-1]] > 1
+                    return n
+                while r in self.running and need() > self.get_num_free_gpu_blocks():
+                    self._preempt(self.running[-1])
+                if r not in self.running:
+                    continue
                 for q in r.seqs:
                     table = self.block_tables[q.seq_id]
                     if q.length % self.block_size == 0:  # the last block is full
-                        while self.get_num_free_gpu_blocks() == 0:
-                            victim = self.running[-1]
-                            self._preempt(victim)
-                            if victim is r:
-                                ok = False
-                                break
-                        if not ok:
-                            break
                         table.append(self._alloc(q, len(table)))
                     elif self.gpu_allocator.ref_counts[table[-1]] > 1:  # copy-on-write
-                        while self.get_num_free_gpu_blocks() == 0:
-                            victim = self.running[-1]
-                            self._preempt(victim)
-                            if victim is r:
-                                ok = False
-                                break
-                        if not ok:
-                            break
                         src = table[-1]
                         dst = self._alloc(q, len(table) - 1)
                         self.gpu_allocator.release(src)
                         self._emit(BlockCopied, request_id=r.request_id, seq_id=q.seq_id, src=src, dst=dst)
                         table[-1] = dst
-                if ok and r in self.running:
-                    decode.append(r)
+                decode.append(r)
         if self.fault == "double_alloc" and s == self.fault_step and self.block_tables:
             sid, table = next(iter(self.block_tables.items()))
             self._emit(BlockAllocated, request_id="intruder", seq_id=999, block=table[0],
