@@ -274,7 +274,7 @@ def _params(**kw):
 def test_real_engine_trace_and_checker(tiny_model, mode):
     from labengine import LLM
     llm = LLM(model=tiny_model, num_gpu_blocks_override=12, block_size=4, preemption_mode=mode,
-              swap_space=0.01, check_invariants=True, seed=0, max_num_seqs=8)
+              swap_space=0.01, check_invariants=True, seed=0, max_num_seqs=8, max_model_len=48)
     prompts = [f"prompt number {i} " * (1 + i % 3) for i in range(10)]
     with llm.trace() as trace:
         outs = llm.generate(prompts, _params(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True),
@@ -299,7 +299,7 @@ def test_real_engine_trace_and_checker(tiny_model, mode):
 
 def test_real_engine_listeners(tiny_model):
     from labengine import LLM
-    llm = LLM(model=tiny_model, num_gpu_blocks_override=32, block_size=4, seed=0)
+    llm = LLM(model=tiny_model, num_gpu_blocks_override=32, block_size=4, seed=0, max_model_len=64)
     seen = []
     llm.add_event_listener(seen.append)
     llm.generate(["hello there"], _params(max_tokens=3), use_tqdm=False)
