@@ -385,6 +385,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     async def _validation_error(_request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return OpenAIError(f"The request body is not valid JSON: {first.get('msg', '')}").response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
@@ -542,13 +544,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
         for i in range(len(prompts)):
             out = finals[i]
             prefix = echo_text(out)
-            for o in out.outputs:
+            # outputs come best first; beam search / best_of may hand out any sequence index
+            for j, o in enumerate(out.outputs):
                 lp = None
                 if req.logprobs is not None and o.logprobs is not None:
                     lp = completion_logprobs(o.token_ids, o.logprobs, req.logprobs, text_of, len(prefix))
-                choices.append(CompletionResponseChoice(index=i * n + o.index, text=prefix + o.text, logprobs=lp,
+                choices.append(CompletionResponseChoice(index=i * n + j, text=prefix + o.text, logprobs=lp,
                                                         finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-        choices.sort(key=lambda c: c.index)
         return CompletionResponse(id=request_id, created=created, model=served_model_name, choices=choices,
                                   usage=_usage(finals.values())).model_dump()
 
@@ -647,12 +649,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
         if final is None:
             return Response(status_code=499)
         choices = []
-        for o in final.outputs:
+        for j, o in enumerate(final.outputs):
             lp = chat_logprobs(o.token_ids, o.logprobs, num_top, text_of) if (req.logprobs and o.logprobs) else None
             choices.append(ChatCompletionResponseChoice(
-                index=o.index, message=ChatMessage(role="assistant", content=echo + o.text), logprobs=lp,
+                index=j, message=ChatMessage(role="assistant", content=echo + o.text), logprobs=lp,
                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-        choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(id=request_id, created=created, model=served_model_name, choices=choices,
                                       usage=_usage([final])).model_dump()
 

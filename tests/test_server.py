@@ -142,6 +142,18 @@ def test_logit_bias_and_vllm_extras(client):
     assert len(set(lp.tokens)) == 1 and out.usage.completion_tokens == 4  # always token 65
 
 
+def test_beam_search_and_best_of_choices(client):
+    beam = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=4, n=2, best_of=3,
+                                     temperature=0.0, extra_body={"use_beam_search": True})
+    assert [c.index for c in beam.choices] == [0, 1]
+    best = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=4, n=1, best_of=3,
+                                     temperature=1.0, seed=2)
+    assert [c.index for c in best.choices] == [0]
+    with pytest.raises(openai.BadRequestError) as info:  # OpenAI: best_of results cannot be streamed
+        client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=4, best_of=3, stream=True)
+    assert error_body(info.value)["param"] == "best_of"
+
+
 def test_stream_usage_and_stop(client):
     chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=6, temperature=0.0,
                                             stream=True, stream_options={"include_usage": True},
@@ -230,6 +242,14 @@ def test_too_long_prompt_is_400_not_a_crash(client, engine):
     # the server still works
     assert client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2).choices[0].finish_reason
     wait_idle(engine)
+
+
+def test_malformed_json_is_400(servers):
+    r = httpx.post(servers["open"] + "/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(servers["open"] + "/v1/completions", json={"max_tokens": 2}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 def test_unknown_model_is_404(client):
