@@ -53,7 +53,7 @@ for message in logs.messages:
 # | configuration | `Initializing an LLM engine with config: ...` | read the model's `config.json`, settled `dtype`, `max_model_len`, the device, the block size |
 # | weights | `Model weights loaded in ... s` | built the network from its config and copied the checkpoint's tensors into it, on the chosen device |
 # | KV cache | `# GPU blocks: N, # CPU blocks: M` | decided how many KV blocks fit and allocated them all, up front |
-# | warm-up | (on a GPU) CUDA graph capture | recorded the decode step once per batch size, so later steps replay it cheaply |
+# | warm-up | `Captured CUDA graphs for decode batch sizes ...` (GPU only) | recorded the decode step once per batch size, so later steps replay it cheaply; on a CPU there is nothing to capture, and the first call warms up instead (below) |
 #
 # "GPU blocks" keeps vLLM's name even when the engine runs on a CPU: it means *the device
 # cache*. "CPU blocks" are the swap pool (`swap_space` GiB) that preemption by swapping uses
