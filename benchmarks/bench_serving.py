@@ -70,7 +70,7 @@ def default_model() -> str:
         import labengine
 
         model = getattr(labengine, "DEFAULT_MODEL", None)
-        if model:
+        if model and (not Path(str(model)).is_dir() or (Path(str(model)) / "config.json").is_file()):
             return str(model)
     except Exception:  # no embedded model in this checkout
         pass

@@ -443,6 +443,7 @@ def test_works_in_a_jupyter_kernel(model_path):
     pytest.importorskip("ipykernel")
     cells = [
         f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import torch; torch.set_num_threads(1)\n"
         "from labengine import AsyncLLMEngine, AsyncEngineArgs, SamplingParams\n"
         f"engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model={model_path!r}, "
         f"disable_log_requests=True, **{ENGINE_KW!r}))",
