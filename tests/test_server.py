@@ -356,3 +356,39 @@ def test_cli_parser_defaults():
     assert ns.host == "127.0.0.1" and ns.port == 8000 and ns.model == "m"
     ns = make_arg_parser().parse_args(["--model", "m", "--max-model-len", "64", "--api-key", "k", "--port", "9"])
     assert ns.max_model_len == 64 and ns.api_key == "k" and ns.port == 9
+
+
+def test_dead_engine_gives_503_not_a_hang(engine):
+    class Exploding:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def step(self):
+            raise RuntimeError("engine exploded")
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    dead = AsyncLLMEngine(Exploding(engine.engine), log_requests=False)
+    app = build_app(dead, MODEL_NAME)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+            first = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            health = await http.get("/health")
+            again = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        return first, health, again
+
+    try:
+        first, health, again = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        engine.engine.abort_request([rid for rid in _live_ids(engine.engine)])
+    assert first.status_code == 503 and "engine exploded" in first.json()["error"]["message"]
+    assert health.status_code == 503
+    assert again.status_code == 503
+
+
+def _live_ids(llm_engine):
+    s = llm_engine.scheduler
+    return [g.request_id for q in (s.waiting, s.running, s.swapped) for g in q]
