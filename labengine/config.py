@@ -60,12 +60,9 @@ def derive_max_model_len(hf_config) -> tuple[int, str]:
 
 
 def resolve_model(model: str, revision: Optional[str], download_dir: Optional[str]) -> Path:
+    from labengine.embedded import resolve_alias
     from labengine.models.loader import resolve_model_path
 
-    try:  # TEMP until labengine.embedded lands
-        from labengine.embedded import resolve_alias
-    except ImportError:
-        resolve_alias = lambda m: m  # noqa: E731
     return resolve_model_path(resolve_alias(model), revision=revision, download_dir=download_dir)
 
 
