@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from labengine import LLM, AsyncEngineArgs, AsyncEngineDeadError, AsyncLLMEngine, SamplingParams
-from labengine.events import Scheduled
 from labengine.testing import make_random_model
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time", "What is AI?",
@@ -301,11 +300,6 @@ def test_start_engine_loop_false_needs_a_loop(model_path, engine):
 # ---------------------------------------------------------------------- batching, load
 def test_late_request_joins_the_running_batch(engine):
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
-    events = []
-
-    def listen(e):
-        if isinstance(e, Scheduled):
-            events.append(e)
 
     async def main():
         async def late():
@@ -319,14 +313,13 @@ def test_late_request_joins_the_running_batch(engine):
                 first_tokens.set()
         return await late_task
 
-    engine.add_event_listener(listen)
-    try:
+    with engine.trace() as trace:  # continuous batching, as the lab's trace shows it
         run(main())
-    finally:
-        engine.remove_event_listener(listen)
-    early_decodes = [e.step for e in events if "early" in e.decode_request_ids]
-    late_prefill = [e.step for e in events if "late" in e.prefill_request_ids]
-    both = [e.step for e in events if {"early", "late"} <= set(e.decode_request_ids)]
+    df = trace.to_dataframe()
+    sched = df[df["event"] == "scheduled"]
+    early_decodes = [s for s, ids in zip(sched["step"], sched["decode_request_ids"]) if "early" in ids]
+    late_prefill = [s for s, ids in zip(sched["step"], sched["prefill_request_ids"]) if "late" in ids]
+    both = [s for s, ids in zip(sched["step"], sched["decode_request_ids"]) if {"early", "late"} <= set(ids)]
     assert late_prefill and early_decodes
     assert min(early_decodes) < late_prefill[0] < max(early_decodes)  # arrived mid-flight
     assert both, "the late request never decoded in the same batch as the early one"
