@@ -252,7 +252,9 @@ def decode_attention(
     2 of 32; a whole number of pages so each tile reads whole blocks), capped so that the
     K and V tiles stay small for head size 256. 4 warps (8 for head size 256); 2 pipeline
     stages overlap the next tile's loads with this tile's dots (64 KB of shared memory:
-    three programs per SM). No host syncs: safe under CUDA graphs.
+    three programs per SM). Grid (Hkv, B, splits): the KV heads of a sequence run side by
+    side (head_fastest=False gives (B, Hkv, splits)). Splits from choose_num_splits.
+    No host syncs: safe under CUDA graphs.
     """
     B, Hq, D = query.shape
     num_blocks, page_size, Hkv, Dk = k_cache.shape
