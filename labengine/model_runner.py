@@ -120,7 +120,10 @@ class ModelRunner:
     def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         m = self.model
         shape = (2, m.num_layers, num_gpu_blocks, self.block_size, m.num_kv_heads, m.head_size)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeroed on a GPU (cheap there) so padded rows of a captured decode batch read finite
+        # numbers; left uninitialised on a CPU, where touching a GiB of pages would slow start-up.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.kv_cache = alloc(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
         self.num_cpu_blocks = num_cpu_blocks  # the swap pool is allocated on first use
 
