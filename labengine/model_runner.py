@@ -62,14 +62,15 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> tuple[int, int]:
         cc, sc = self.config.cache_config, self.config.scheduler_config
+        # Never more blocks than max_num_seqs sequences of max_model_len tokens can fill: a
+        # small model on a big GPU would otherwise get millions of blocks nobody can use.
+        enough = sc.max_num_seqs * cdiv(sc.max_model_len, self.block_size)
         if cc.num_gpu_blocks_override is not None:
             num_gpu = cc.num_gpu_blocks_override
         elif self.device.type == "cuda":
-            num_gpu = self._profile_num_gpu_blocks()
+            num_gpu = min(self._profile_num_gpu_blocks(), enough)
         else:
-            # CPU default: cpu_kv_cache_space GiB (1 by default), but no more than every
-            # sequence the scheduler may run at full length could use.
-            enough = sc.max_num_seqs * cdiv(sc.max_model_len, self.block_size)
+            # CPU default: cpu_kv_cache_space GiB (1 by default).
             num_gpu = max(1, min(cc.cpu_kv_cache_space_bytes // self.block_bytes, enough))
         num_cpu = int(cc.swap_space_bytes // self.block_bytes)
         if num_gpu * self.block_size < self.max_model_len:
