@@ -127,6 +127,11 @@ class GenerateStream:
     def __await__(self):
         return self._final().__await__()
 
+    def __iter__(self):
+        raise TypeError("engine.generate(...) is asynchronous: use `async for out in engine.generate(...)` "
+                        "or `out = await engine.generate(...)` (top-level await works in Jupyter; in a "
+                        "script, inside a coroutine run with asyncio.run).")
+
     def __repr__(self) -> str:
         return f"GenerateStream(request_id={self.request_id!r})"
 

@@ -127,6 +127,9 @@ def test_awaiting_generate_returns_final_output(engine):
 
     results = run(main())
     assert [r.prompt for r in results] == PROMPTS[:3]
+    with pytest.raises(TypeError, match="async for"):  # a plain `for` gets a helpful message
+        for _ in engine.generate(PROMPTS[0], params, "sync-for"):
+            pass
     assert all(r.finished and len(r.outputs[0].token_ids) <= 6 for r in results)
 
 
