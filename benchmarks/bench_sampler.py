@@ -1,11 +1,18 @@
 """Sampler cost per step: batch of decode sequences, default SamplingParams.
 
-    PYTHONPATH=. python benchmarks/bench_sampler.py [--batch 64] [--vocab 6000 50257]
+    PYTHONPATH=. python benchmarks/bench_sampler.py [--batch 64] [--vocab 6144 50257]
         [--iters 50] [--threads N] [--params default|greedy|seeded|topk_topp|penalties|logprobs]
 
 Prints milliseconds per Sampler call (median and mean over --iters calls after warm-up),
 for each vocabulary size. Compare with the engine's step time for the same batch: the
 sampler should stay under 10% of it.
+
+    PYTHONPATH=. python benchmarks/bench_sampler.py --engine [--hidden 256 --layers 8 ...]
+
+also runs a real LLM (a random-weight Llama from labengine.testing with the given vocab,
+hidden size and layers) on --batch prompts with default SamplingParams, and reports, over
+the decode steps, the engine's step latency and the sampler's share of it (StepFinished's
+sample_s / latency_s).
 """
 from __future__ import annotations
 
@@ -58,13 +65,50 @@ def bench(batch: int, vocab: int, kind: str, iters: int) -> tuple[float, float]:
     return statistics.median(times), statistics.fmean(times)
 
 
+def bench_engine(batch: int, vocab: int, args) -> None:
+    import tempfile
+
+    from labengine.events import StepFinished
+    from labengine.llm import LLM
+    from labengine.testing import make_random_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_random_model("llama", tmp, vocab_size=vocab, hidden_size=args.hidden,
+                                 intermediate_size=args.intermediate,
+                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                 num_key_value_heads=args.kv_heads,
+                                 max_position_embeddings=1024)
+        llm = LLM(str(path), max_num_seqs=max(batch, 8))
+        steps = []
+        llm.add_event_listener(lambda e: steps.append(e) if isinstance(e, StepFinished) else None)
+        prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(batch)]
+        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        steps.clear()
+        llm.generate(prompts, params, use_tqdm=False)
+    decode = [e for e in steps if e.num_prefill_tokens == 0 and e.batch_size == batch]
+    lat = statistics.median(e.latency_s for e in decode) * 1e3
+    samp = statistics.median(e.sample_s for e in decode) * 1e3
+    share = statistics.median(e.sample_s / e.latency_s for e in decode) * 100
+    print(f"engine vocab={vocab:>6} hidden={args.hidden} layers={args.layers}: {len(decode)} decode steps of "
+          f"{batch}: step {lat:.2f} ms, sampler {samp:.2f} ms (median), share {share:.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--vocab", type=int, nargs="+", default=[6000, 50257])
+    ap.add_argument("--vocab", type=int, nargs="+", default=[6144, 50257])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--params", nargs="+", default=["default"], choices=sorted(PARAMS))
+    ap.add_argument("--engine", action="store_true", help="also measure inside a real engine")
+    # the lab's own model (tools/embedded_model/train.py defaults)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=688)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +118,9 @@ def main() -> None:
             med, mean = bench(args.batch, vocab, kind, args.iters)
             print(f"params={kind:<10} vocab={vocab:>6}: {med:7.3f} ms/call (median), "
                   f"{mean:7.3f} ms (mean)")
+    if args.engine:
+        for vocab in args.vocab:
+            bench_engine(args.batch, vocab, args)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Order of operations (vLLM v0.5.4, reference section 4), on each row of the batch
 4. ``/ temperature`` (greedy and beam use 1),
 5. top-k, 6. top-p (one sort, as vLLM), 7. min-p,
 8. float32 log_softmax: these *processed* logprobs are the ones returned,
-9. sample: greedy = argmax; random = ``argmax(probs / Exp(1))``, the exponential noise
-   drawn from a per-request ``torch.Generator`` for seeded requests (so they do not depend
-   on the rest of the batch), from the global RNG otherwise; beam search takes the top
-   ``2 * beam_width`` candidates.
+9. sample: greedy = argmax; random = ``argmax(probs / Exp(1))`` as vLLM on CUDA, or by
+   inverse CDF (one uniform number per row) on CPU, where drawing a random number per
+   vocabulary entry would dominate the step (see Sampler's ``sampling_method``); the
+   randomness comes from a per-request ``torch.Generator`` for seeded requests (so they do
+   not depend on the rest of the batch), from the global RNG otherwise; beam search takes
+   the top ``2 * beam_width`` candidates.
 
 Prompt-logprob rows get temperature, top-k/top-p and min-p, but no processors, no
 min_tokens mask and no penalties. Every step is a few tensor operations over the batch;
@@ -108,6 +110,22 @@ def _num_params(fn) -> int:
     return n
 
 
+def _select_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] as one contiguous copy (index_select is several times faster than advanced
+    indexing on CPU); x itself when rows is every row in order."""
+    if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
+
+
+def _write_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """x[rows] = values (in place unless rows is every row: then values is the result)."""
+    if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
+        return values
+    x.index_copy_(0, torch.tensor(rows, dtype=torch.long, device=x.device), values)
+    return x
+
+
 def get_generator(seq_group: SequenceGroup, device) -> torch.Generator:
     """The seeded request's own generator, created on first use from params.seed."""
     gen = getattr(seq_group, "sampling_generator", None)
@@ -187,9 +205,23 @@ class Sampler:
         vocab_size: The model's vocabulary size (the logits' last dimension).
         eos_token_ids: EOS id(s) masked by ``min_tokens`` along with
             ``params.all_stop_token_ids`` (the tokenizer's EOS and generation_config's).
+        sampling_method: how a random row draws its token; both draw exactly from the
+            processed distribution and both are reproducible per seed:
+            "exponential" is vLLM's ``argmax(probs / q)``, q ~ Exp(1), one random number per
+            vocabulary entry (cheap on a GPU); "inverse_cdf" draws one uniform number per
+            row and finds it in the cumulative distribution (on CPU the random numbers
+            dominate the sampler's time, so this is 3-5x faster there); "auto" (default)
+            picks "exponential" on CUDA and "inverse_cdf" elsewhere. The same seed gives
+            different tokens under the two methods.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids=None) -> None:
+    SAMPLING_METHODS = ("auto", "exponential", "inverse_cdf")
+
+    def __init__(self, vocab_size: int, eos_token_ids=None, sampling_method: str = "auto") -> None:
+        if sampling_method not in self.SAMPLING_METHODS:
+            raise ValueError(f"sampling_method must be one of {self.SAMPLING_METHODS}, "
+                             f"got {sampling_method!r}.")
+        self.sampling_method = sampling_method
         self.vocab_size = vocab_size
         if isinstance(eos_token_ids, int):
             eos_token_ids = [eos_token_ids]
@@ -306,12 +338,11 @@ class Sampler:
             if not owned:
                 logits = logits.clone()
                 owned = True
-            idx = torch.tensor(pen_rows, device=device)
-            logits[idx] = apply_penalties(
-                logits[idx], pen_prompt, pen_output,
+            logits = _write_rows(logits, pen_rows, apply_penalties(
+                _select_rows(logits, pen_rows), pen_prompt, pen_output,
                 torch.tensor(pen_p, dtype=logits.dtype, device=device),
                 torch.tensor(pen_f, dtype=logits.dtype, device=device),
-                torch.tensor(pen_r, dtype=logits.dtype, device=device))
+                torch.tensor(pen_r, dtype=logits.dtype, device=device)))
 
         # ---- 5. Temperature.
         if any_temp:
@@ -323,41 +354,47 @@ class Sampler:
             if not owned:
                 logits = logits.clone()
                 owned = True
-            idx = torch.tensor(trunc_rows, device=device)
-            logits[idx] = apply_top_k_top_p(
-                logits[idx], torch.tensor([top_ks[r] for r in trunc_rows], device=device),
-                torch.tensor([top_ps[r] for r in trunc_rows], dtype=logits.dtype, device=device))
+            logits = _write_rows(logits, trunc_rows, apply_top_k_top_p(
+                _select_rows(logits, trunc_rows),
+                torch.tensor([top_ks[r] for r in trunc_rows], device=device),
+                torch.tensor([top_ps[r] for r in trunc_rows], dtype=logits.dtype, device=device)))
         if min_p_rows:
             if not owned:
                 logits = logits.clone()
                 owned = True
-            idx = torch.tensor(min_p_rows, device=device)
-            logits[idx] = apply_min_p(
-                logits[idx],
-                torch.tensor([min_ps[r] for r in min_p_rows], dtype=logits.dtype, device=device))
+            logits = _write_rows(logits, min_p_rows, apply_min_p(
+                _select_rows(logits, min_p_rows),
+                torch.tensor([min_ps[r] for r in min_p_rows], dtype=logits.dtype, device=device)))
 
-        # ---- 8. The processed distribution.
-        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-
-        # ---- 9. Sample.
-        return self._sample(groups, logprobs, prompt_lp_rows, prompt_lp_targets)
+        # ---- 8./9. The processed distribution, and the samples.
+        return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets)
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, groups: list[SequenceGroupToSample], logprobs: torch.Tensor,
+    def _sample(self, groups: list[SequenceGroupToSample], logits: torch.Tensor,
                 prompt_lp_rows: list[int], prompt_lp_targets: list[int]
                 ) -> list[SequenceGroupOutput]:
-        num_rows, vocab = logprobs.shape
-        device = logprobs.device
+        """Samples from the processed logits.
+
+        The full float32 log_softmax is computed only for the rows that need it (greedy
+        and beam rows, rows whose request asked for logprobs, prompt-logprob rows). A random
+        row of a request without logprobs only needs its softmax: the sampled token's
+        logprob is log(p) of that token. Which way a row goes depends only on its own
+        request, never on the rest of the batch.
+        """
+        num_rows, vocab = logits.shape
+        device = logits.device
 
         # Plan the non-beam samples: one per sample row, or best_of from the single row at
-        # the group's first step. Each entry: (group index, parent seq id, source row).
+        # the group's first step. Per sample: group, parent seq id, source row.
         ns_parent: list[int] = []
         ns_src: list[int] = []
         ns_group: list[int] = []
+        ns_full: list[bool] = []  # its logprob comes from the full log_softmax
         greedy_pos: list[int] = []
         rand_pos: list[int] = []
         seeded: list[tuple[int, int, SequenceGroup]] = []  # (start, count) in rand order
         beam_groups: list[int] = []
+        full_rows: set[int] = set(prompt_lp_rows)
         for gi, g in enumerate(groups):
             if not g.sample_rows:
                 continue
@@ -365,7 +402,11 @@ class Sampler:
             stype = params.sampling_type
             if stype == SamplingType.BEAM:
                 beam_groups.append(gi)
+                full_rows.update(g.sample_rows)
                 continue
+            full = stype == SamplingType.GREEDY or params.logprobs is not None
+            if full:
+                full_rows.update(g.sample_rows)
             if (stype != SamplingType.GREEDY and g.is_prompt and params.best_of > 1
                     and len(g.seq_ids) == 1 and len(g.seq_group.seqs_dict) == 1):
                 count = params.best_of  # the prompt step: best_of independent samples
@@ -378,6 +419,7 @@ class Sampler:
                     ns_parent.append(sid)
                     ns_src.append(r)
                     ns_group.append(gi)
+                    ns_full.append(full)
                     if stype == SamplingType.GREEDY:
                         greedy_pos.append(pos)
                     else:
@@ -385,89 +427,111 @@ class Sampler:
             if stype == SamplingType.RANDOM_SEED:
                 seeded.append((start_rand, len(rand_pos) - start_rand, g.seq_group))
 
-        n_ns = len(ns_src)
-        identity = n_ns == num_rows and ns_src == list(range(num_rows))
-        if n_ns:
-            src_lp = logprobs if identity else logprobs[torch.tensor(ns_src, device=device)]
-            if not greedy_pos:
-                ns_tokens = self._random(src_lp, seeded, device)
-            elif not rand_pos:
-                ns_tokens = src_lp.argmax(dim=-1)
+        # The full log_softmax, for the rows that need it.
+        lsm_index: dict[int, int] = {}
+        logprobs = logits[:0]
+        if full_rows:
+            if len(full_rows) == num_rows:
+                logprobs = torch.log_softmax(logits, dim=-1)
+                lsm_index = {r: r for r in range(num_rows)}
             else:
-                ns_tokens = torch.empty(n_ns, dtype=torch.long, device=device)
-                gp = torch.tensor(greedy_pos, device=device)
+                rows_sorted = sorted(full_rows)
+                logprobs = torch.log_softmax(_select_rows(logits, rows_sorted), dim=-1)
+                lsm_index = {r: i for i, r in enumerate(rows_sorted)}
+
+        n_ns = len(ns_src)
+        ns_tokens = torch.empty(n_ns, dtype=torch.long, device=device)
+        ns_logprob = torch.empty(n_ns, dtype=torch.float32, device=device)
+        if rand_pos:
+            rsrc = [ns_src[p] for p in rand_pos]
+            probs = torch.softmax(_select_rows(logits, rsrc), dim=-1)
+            rtok = self._random(probs, seeded, device)
+            if len(rand_pos) == n_ns:
+                ns_tokens = rtok
+                ns_logprob = probs.gather(1, rtok.unsqueeze(1)).squeeze(1).log_()
+            else:
                 rp = torch.tensor(rand_pos, device=device)
-                ns_tokens[gp] = src_lp[gp].argmax(dim=-1)
-                ns_tokens[rp] = self._random(src_lp[rp], seeded, device)
-        else:
-            src_lp = logprobs[:0]
-            ns_tokens = torch.empty(0, dtype=torch.long, device=device)
+                ns_tokens[rp] = rtok
+                ns_logprob[rp] = probs.gather(1, rtok.unsqueeze(1)).squeeze(1).log_()
+        if greedy_pos:
+            gl = _select_rows(logprobs, [lsm_index[ns_src[p]] for p in greedy_pos])
+            gtok = gl.argmax(dim=-1)
+            if len(greedy_pos) == n_ns:
+                ns_tokens = gtok
+            else:
+                ns_tokens[torch.tensor(greedy_pos, device=device)] = gtok
+
+        # Samples whose logprob (and rank, top-k) come from the full log_softmax.
+        full_pos = [i for i in range(n_ns) if ns_full[i]]
+        sel_rows: list[int] = [lsm_index[ns_src[i]] for i in full_pos]
+        sel_tok_parts = []
+        if full_pos:
+            sel_tok_parts.append(ns_tokens if len(full_pos) == n_ns
+                                 else ns_tokens[torch.tensor(full_pos, device=device)])
 
         # Beam search: per request, the top 2 * beam_width candidates.
         beam_plan: dict[int, tuple[list[int], list[int], list[int]]] = {}
-        if beam_groups:
-            all_src = list(ns_src)
-            tok_parts = [ns_tokens]
-            for gi in beam_groups:
-                g = groups[gi]
-                params = g.seq_group.sampling_params
-                width = params.best_of
-                rows = torch.tensor(g.sample_rows, device=device)
-                lp = logprobs[rows]
-                first_seq = g.seq_group.seqs_dict[g.seq_ids[0]]
-                if (len(g.seq_ids) == 1 and len(g.seq_group.seqs_dict) == 1
-                        and first_seq.get_output_len() == 0):
-                    # Prompt step: the top 2W tokens of the single row.
-                    _, top_ids = torch.topk(lp[0], 2 * width)
-                    tokens = top_ids.tolist()
-                    parents = [0] * len(tokens)
-                else:
-                    cum = torch.tensor(
-                        [g.seq_group.seqs_dict[s].cumulative_logprob for s in g.seq_ids],
-                        dtype=torch.float32, device=device)
-                    scores = (lp + cum.unsqueeze(1)).flatten()
-                    _, top_ids = torch.topk(scores, min(2 * width, scores.numel()))
-                    top_ids = top_ids.tolist()
-                    parents = [i // vocab for i in top_ids]
-                    tokens = [i % vocab for i in top_ids]
-                beam_plan[gi] = (tokens, parents, [g.sample_rows[p] for p in parents])
-                all_src.extend(g.sample_rows[p] for p in parents)
-                tok_parts.append(torch.tensor(tokens, dtype=torch.long, device=device))
-            all_tokens = torch.cat(tok_parts)
-            sel_src = logprobs[torch.tensor(all_src, dtype=torch.long, device=device)]
-        else:
-            all_src = ns_src
-            all_tokens = ns_tokens
-            sel_src = src_lp
+        for gi in beam_groups:
+            g = groups[gi]
+            params = g.seq_group.sampling_params
+            width = params.best_of
+            lrows = [lsm_index[r] for r in g.sample_rows]
+            lp = _select_rows(logprobs, lrows)
+            first_seq = g.seq_group.seqs_dict[g.seq_ids[0]]
+            if (len(g.seq_ids) == 1 and len(g.seq_group.seqs_dict) == 1
+                    and first_seq.get_output_len() == 0):
+                # Prompt step: the top 2W tokens of the single row.
+                _, top_ids = torch.topk(lp[0], min(2 * width, vocab))
+                tokens = top_ids.tolist()
+                parents = [0] * len(tokens)
+            else:
+                # Later steps: the top 2W of cumulative + next-token logprob over all beams.
+                cum = torch.tensor(
+                    [g.seq_group.seqs_dict[s].cumulative_logprob for s in g.seq_ids],
+                    dtype=torch.float32, device=device)
+                scores = (lp + cum.unsqueeze(1)).flatten()
+                _, top_ids = torch.topk(scores, min(2 * width, scores.numel()))
+                top_ids = top_ids.tolist()
+                parents = [i // vocab for i in top_ids]
+                tokens = [i % vocab for i in top_ids]
+            beam_plan[gi] = (tokens, parents, [g.sample_rows[p] for p in parents])
+            sel_rows.extend(lrows[p] for p in parents)
+            sel_tok_parts.append(torch.tensor(tokens, dtype=torch.long, device=device))
 
-        # Logprob of every chosen token; its vocabulary rank (1 + #strictly larger
-        # logprobs) only where logprobs were requested (otherwise it is never shown).
-        if all_tokens.numel():
-            selected = sel_src.gather(1, all_tokens.unsqueeze(1))
-            token_list = all_tokens.tolist()
-            selected_list = selected.squeeze(1).tolist()
-            rank_pos = [i for i, gi in enumerate(ns_group)
-                        if groups[gi].seq_group.sampling_params.logprobs is not None]
+        # Logprob of each chosen token from the full log_softmax, and its vocabulary rank
+        # (1 + #strictly larger logprobs) where the request asked for logprobs.
+        sel_list: list[float] = []
+        rank_list: list[Optional[int]] = []
+        if sel_rows:
+            sel_src = _select_rows(logprobs, sel_rows)
+            sel_tok = torch.cat(sel_tok_parts) if len(sel_tok_parts) > 1 else sel_tok_parts[0]
+            selected = sel_src.gather(1, sel_tok.unsqueeze(1))
+            sel_list = selected.squeeze(1).tolist()
+            want_rank = [groups[ns_group[i]].seq_group.sampling_params.logprobs is not None
+                         for i in full_pos]
             for gi in beam_groups:
-                if groups[gi].seq_group.sampling_params.logprobs is not None:
-                    start = n_ns + sum(len(beam_plan[b][0]) for b in beam_groups if b < gi)
-                    rank_pos.extend(range(start, start + len(beam_plan[gi][0])))
-            rank_list: list[Optional[int]] = [None] * len(token_list)
-            if rank_pos:
-                if len(rank_pos) == len(token_list):
+                want_rank += [groups[gi].seq_group.sampling_params.logprobs is not None] * \
+                    len(beam_plan[gi][0])
+            rank_list = [None] * len(sel_rows)
+            if any(want_rank):
+                if all(want_rank):
                     ranks = (sel_src > selected).sum(dim=-1) + 1
+                    rank_list = ranks.tolist()
                 else:
-                    rp = torch.tensor(rank_pos, device=device)
-                    ranks = (sel_src[rp] > selected[rp]).sum(dim=-1) + 1
-                for i, r in zip(rank_pos, ranks.tolist()):
-                    rank_list[i] = r
-        else:
-            token_list, selected_list, rank_list = [], [], []
+                    idx = [i for i, w in enumerate(want_rank) if w]
+                    it = torch.tensor(idx, device=device)
+                    ranks = ((sel_src.index_select(0, it) > selected.index_select(0, it)
+                              ).sum(dim=-1) + 1).tolist()
+                    for i, r in zip(idx, ranks):
+                        rank_list[i] = r
+
+        # One host transfer for the non-beam tokens and their light logprobs.
+        token_list = ns_tokens.tolist() if n_ns else []
+        light_list = ns_logprob.tolist() if rand_pos else []
 
         # Prompt logprobs: logprob and rank of each real prompt token.
         if prompt_lp_rows:
-            pr = torch.tensor(prompt_lp_rows, device=device)
-            prompt_lp = logprobs[pr]
+            prompt_lp = _select_rows(logprobs, [lsm_index[r] for r in prompt_lp_rows])
             tgt = torch.tensor(prompt_lp_targets, dtype=torch.long, device=device).clamp_(0, vocab - 1)
             p_sel = prompt_lp.gather(1, tgt.unsqueeze(1))
             p_rank = ((prompt_lp > p_sel).sum(dim=-1) + 1).tolist()
@@ -477,77 +541,98 @@ class Sampler:
             p_sel, p_rank, p_index = [], [], {}
 
         # Top-k logprobs, one topk over every row that asks for them.
-        topk_rows: list[int] = []
+        topk_rows: set[int] = set()
         max_k = 0
-        for gi, g in enumerate(groups):
+        for g in groups:
             params = g.seq_group.sampling_params
             if params.logprobs and g.sample_rows:
-                topk_rows.extend(g.sample_rows)
+                topk_rows.update(g.sample_rows)
                 max_k = max(max_k, params.logprobs)
             if params.prompt_logprobs and g.prompt_logprob_rows:
-                topk_rows.extend(g.prompt_logprob_rows)
+                topk_rows.update(g.prompt_logprob_rows)
                 max_k = max(max_k, params.prompt_logprobs)
         top_index: dict[int, int] = {}
+        top_ids: list = []
+        top_vals: list = []
         if topk_rows:
-            topk_rows = sorted(set(topk_rows))
+            rows_sorted = sorted(topk_rows)
             max_k = min(max_k, vocab)
-            top_vals, top_ids = logprobs[torch.tensor(topk_rows, device=device)].topk(max_k, dim=-1)
-            top_vals = top_vals.tolist()
-            top_ids = top_ids.tolist()
-            top_index = {r: i for i, r in enumerate(topk_rows)}
+            tv, ti = _select_rows(logprobs, [lsm_index[r] for r in rows_sorted]
+                                  ).topk(max_k, dim=-1)
+            top_vals, top_ids = tv.tolist(), ti.tolist()
+            top_index = {r: i for i, r in enumerate(rows_sorted)}
 
-        def make_dict(token: int, lp: float, rank: int, row: int, k: Optional[int]):
+        def make_dict(token: int, lp: float, rank: Optional[int], row: int, k: Optional[int]):
             d = {token: Logprob(lp, rank)}
             if k:
                 i = top_index[row]
                 ids, vals = top_ids[i], top_vals[i]
                 for j in range(k):
+                    # (a top-k entry for the sampled token updates it in place, as in vLLM)
                     d[ids[j]] = Logprob(vals[j], j + 1)
             return d
 
         # ---- Assemble per-group outputs.
         outputs = [SequenceGroupOutput(samples=[]) for _ in groups]
+        full_slot = {p: i for i, p in enumerate(full_pos)}
         for pos in range(n_ns):
             gi = ns_group[pos]
             k = groups[gi].seq_group.sampling_params.logprobs
             tok = token_list[pos]
-            lp = selected_list[pos]
+            if ns_full[pos]:
+                i = full_slot[pos]
+                lp, rank = sel_list[i], rank_list[i]
+            else:
+                lp, rank = light_list[pos], None
             outputs[gi].samples.append(SequenceOutput(
-                ns_parent[pos], tok, lp, make_dict(tok, lp, rank_list[pos], ns_src[pos], k)))
-        pos = n_ns
+                ns_parent[pos], tok, lp, make_dict(tok, lp, rank, ns_src[pos], k)))
+        i = len(full_pos)
         for gi in beam_groups:
             g = groups[gi]
             k = g.seq_group.sampling_params.logprobs
             tokens, parents, src_rows = beam_plan[gi]
             for tok, parent, row in zip(tokens, parents, src_rows):
-                lp = selected_list[pos]
+                lp = sel_list[i]
                 outputs[gi].samples.append(SequenceOutput(
-                    g.seq_ids[parent], tok, lp, make_dict(tok, lp, rank_list[pos], row, k)))
-                pos += 1
+                    g.seq_ids[parent], tok, lp, make_dict(tok, lp, rank_list[i], row, k)))
+                i += 1
         for gi, g in enumerate(groups):
             if g.prompt_logprob_rows:
                 k = g.seq_group.sampling_params.prompt_logprobs
                 plist = []
                 for r in g.prompt_logprob_rows:
-                    i = p_index[r]
-                    plist.append(make_dict(prompt_lp_targets[i], p_sel[i], p_rank[i], r, k))
+                    j = p_index[r]
+                    plist.append(make_dict(prompt_lp_targets[j], p_sel[j], p_rank[j], r, k))
                 outputs[gi].prompt_logprobs = plist
         return outputs
 
-    @staticmethod
-    def _random(lp: torch.Tensor, seeded, device) -> torch.Tensor:
-        """argmax(probs / q), q ~ Exp(1) drawn from the global RNG, or from the request's
-        own generator for seeded requests (a seeded request draws [its rows, V] numbers
-        every step, whatever else is in the batch).
-
-        q is made as -log(U), U ~ Uniform[0, 1): the same Exp(1) law as
-        Tensor.exponential_, but several times faster on CPU.
-        """
-        probs = lp.exp()
-        q = torch.empty_like(probs)
-        q.uniform_()
+    def _random(self, probs: torch.Tensor, seeded, device) -> torch.Tensor:
+        """Draws one token per row of ``probs``, with the global RNG, or with the request's
+        own generator for the rows of seeded requests (a seeded request draws the same
+        amount of randomness every step, whatever else is in the batch)."""
+        method = self.sampling_method
+        if method == "auto":
+            method = "exponential" if probs.device.type == "cuda" else "inverse_cdf"
+        if method == "exponential":
+            # vLLM: argmax(probs / q), q ~ Exp(1). q = -log(U), U ~ Uniform[0, 1), is the
+            # same law as Tensor.exponential_ and several times faster on CPU;
+            # argmax(probs / -log U) = argmin(probs / log U) (log U <= 0) saves a pass.
+            u = torch.empty_like(probs)
+            u.uniform_()
+            for start, count, seq_group in seeded:
+                if count:
+                    u[start:start + count].uniform_(generator=get_generator(seq_group, device))
+            u.log_()
+            return torch.div(probs, u, out=u).argmin(dim=-1)
+        # Inverse CDF: one uniform number per row instead of one per vocabulary entry.
+        u = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=device)
+        u.uniform_()
         for start, count, seq_group in seeded:
             if count:
-                q[start:start + count].uniform_(generator=get_generator(seq_group, device))
-        q.log_().neg_()
-        return probs.div_(q).argmax(dim=-1)
+                u[start:start + count].uniform_(generator=get_generator(seq_group, device))
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # target < total strictly, so the first index whose cdf exceeds it exists and has a
+        # positive probability (cdf[i] > cdf[i-1]).
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(1)

@@ -372,6 +372,16 @@ def test_logprobs_zero_and_none():
     assert s.logprobs[3].logprob == s.logprob
 
 
+def test_random_request_without_logprobs_gets_the_processed_logprob():
+    values = [0.3, 2.0, -1.0, 1.5, 0.0, 2.5, -0.5, 1.0, 0.7, -2.0, 0.1, 0.2]
+    ref = torch.log_softmax(torch.tensor(values) / 0.8, dim=-1)
+    for seed in range(5):
+        params = SamplingParams(temperature=0.8, seed=seed, logits_processors=[forced(values)])
+        s = sample_once(make_group(params)).samples[0]
+        assert list(s.logprobs) == [s.output_token]
+        assert s.logprob == pytest.approx(ref[s.output_token].item(), abs=1e-6)
+
+
 def test_greedy_logprobs_use_temperature_one_and_top_k_one_gives_zero():
     values = row({3: 2.0, 5: 1.0, 6: 0.5})
     s = sample_once(make_group(SamplingParams(temperature=0, logprobs=2,
@@ -421,10 +431,14 @@ def test_prompt_logprobs():
 
 
 # ---------------------------------------------------------------- random sampling & seeds
-def test_random_sampling_follows_the_distribution():
+METHODS = ["exponential", "inverse_cdf"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_sampling_follows_the_distribution(method):
     torch.manual_seed(0)
     params = SamplingParams(n=1, best_of=4000, logits_processors=[forced(LOGP)])
-    out = sample_once(make_group(params))
+    out = sample_once(make_group(params), Sampler(V, sampling_method=method))
     toks = [s.output_token for s in out.samples]
     assert len(toks) == 4000
     assert all(s.parent_seq_id == 0 for s in out.samples)
@@ -432,6 +446,21 @@ def test_random_sampling_follows_the_distribution():
     for f, p in zip(freq, PROBS[:4]):
         assert abs(f - p) < 0.03
     assert set(toks) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_masked_tokens_are_never_sampled(method):
+    torch.manual_seed(1)
+    # the last token is masked (-inf) and tokens 0..1 carry almost nothing
+    values = row({0: -30.0, 1: -30.0, 5: 2.0, 7: 2.0, 9: 1.0, V - 1: NEG}, default=0.0)
+    params = SamplingParams(n=1, best_of=3000, top_k=3, logits_processors=[forced(values)])
+    out = sample_once(make_group(params), Sampler(V, sampling_method=method))
+    assert {s.output_token for s in out.samples} == {5, 7, 9}
+
+
+def test_sampling_method_is_validated():
+    with pytest.raises(ValueError, match="sampling_method must be one of"):
+        Sampler(V, sampling_method="gumbel")
 
 
 def test_greedy_is_argmax_in_a_mixed_batch():
@@ -447,14 +476,15 @@ def test_greedy_is_argmax_in_a_mixed_batch():
 SEED_LOGITS = torch.randn(20, V, generator=torch.Generator().manual_seed(123))
 
 
-def seeded_run(position: int, companions: list, steps=8, best_of=1, global_seed=0):
+def seeded_run(position: int, companions: list, steps=8, best_of=1, global_seed=0,
+               method="auto"):
     """Runs the seeded target (seed 7) with companions around it; returns its tokens."""
     torch.manual_seed(global_seed)
     target = make_group(SamplingParams(seed=7, temperature=0.9, n=best_of, best_of=best_of),
                         seq_id=1000, rid="target")
     groups = list(companions)
     groups.insert(position, target)
-    sampler = Sampler(V)
+    sampler = Sampler(V, sampling_method=method)
     tokens = []
     for step in range(steps):
         meta, n = build(groups)
@@ -463,7 +493,7 @@ def seeded_run(position: int, companions: list, steps=8, best_of=1, global_seed=
         logits[t_rows] = SEED_LOGITS[step]
         out = sampler(logits, meta)
         samples = out[position].samples
-        tokens.append([s.output_token for s in samples])
+        tokens.append([(s.output_token, s.logprob) for s in samples])
         for g, o in zip(groups, out):
             for s in o.samples[:1]:
                 g.find(s.parent_seq_id).append_token_id(s.output_token, s.logprobs, s.logprob)
@@ -471,38 +501,40 @@ def seeded_run(position: int, companions: list, steps=8, best_of=1, global_seed=
 
 
 def companions():
-    return [make_group(SamplingParams(seed=3), seq_id=1, rid="a"),
+    return [make_group(SamplingParams(seed=3, logprobs=2), seq_id=1, rid="a"),
             make_group(SamplingParams(), seq_id=2, rid="b"),
             make_group(SamplingParams(temperature=0), seq_id=3, rid="c"),
             make_group(SamplingParams(seed=7, top_k=3), seq_id=4, rid="d"),
             make_group(SamplingParams(n=3, best_of=3, seed=11), seq_id=5, rid="e")]
 
 
-def test_seed_reproducible_alone_and_in_mixed_batches():
-    alone = seeded_run(0, [])
+@pytest.mark.parametrize("method", METHODS)
+def test_seed_reproducible_alone_and_in_mixed_batches(method):
+    alone = seeded_run(0, [], method=method)
     assert len({tuple(t) for t in alone}) > 1  # it does sample
-    assert seeded_run(0, companions()) == alone
-    assert seeded_run(3, companions(), global_seed=5) == alone
-    assert seeded_run(5, companions(), global_seed=9) == alone
-    assert seeded_run(2, companions()[:3]) == alone
+    assert seeded_run(0, companions(), method=method) == alone
+    assert seeded_run(3, companions(), global_seed=5, method=method) == alone
+    assert seeded_run(5, companions(), global_seed=9, method=method) == alone
+    assert seeded_run(2, companions()[:3], method=method) == alone
 
 
-def test_seed_reproducible_with_best_of():
-    alone = seeded_run(0, [], steps=1, best_of=3)
+@pytest.mark.parametrize("method", METHODS)
+def test_seed_reproducible_with_best_of(method):
+    alone = seeded_run(0, [], steps=1, best_of=3, method=method)
     assert len(alone[0]) == 3
-    assert seeded_run(4, companions(), steps=1, best_of=3, global_seed=1) == alone
+    assert seeded_run(4, companions(), steps=1, best_of=3, global_seed=1, method=method) == alone
 
 
-def test_unseeded_requests_follow_the_global_rng():
-    def run():
-        torch.manual_seed(42)
+@pytest.mark.parametrize("method", METHODS)
+def test_unseeded_requests_follow_the_global_rng(method):
+    def run(seed):
+        torch.manual_seed(seed)
         sg = make_group(SamplingParams(n=1, best_of=20))
-        return [s.output_token for s in sample_once(sg, logits=torch.zeros(1, V)).samples]
-    a, b = run(), run()
+        return [s.output_token for s in sample_once(sg, Sampler(V, sampling_method=method),
+                                                     logits=torch.zeros(1, V)).samples]
+    a, b = run(42), run(42)
     assert a == b and len(set(a)) > 1
-    torch.manual_seed(43)
-    sg = make_group(SamplingParams(n=1, best_of=20))
-    assert [s.output_token for s in sample_once(sg, logits=torch.zeros(1, V)).samples] != a
+    assert run(43) != a
 
 
 # ---------------------------------------------------------------- best_of / beam at the sampler
