@@ -20,10 +20,12 @@ naming the field; an unknown model name is a 404. A client that disconnects abor
 request(s), so their KV blocks are freed at once.
 
 Chat template: the request's `chat_template`, else `--chat-template`, else the tokenizer's
-own, else DEFAULT_CHAT_TEMPLATE below: one line per message, "<Role>: <content>", then
-"Assistant:" when add_generation_prompt is true (the default). Plain models trained on text
-(like the lab's small ones) carry on the conversation in that format; pass
-`stop=["\\nUser:"]` to stop at the next user turn.
+own, else DEFAULT_CHAT_TEMPLATE below, the question/answer format the embedded model
+(labengine/tinylab) was trained on: a system message as a plain line, each user message as
+"Question: <content>", each assistant message as "Answer: <content>", one per line, then
+"Answer:" when add_generation_prompt is true (the default). For example
+[{"role": "user", "content": "What is the capital of France?"}] becomes
+"Question: What is the capital of France?\\nAnswer:" and the embedded model replies " Paris."
 
 Parameters follow OpenAI, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, use_beam_search, length_penalty, stop_token_ids, include_stop_str_in_output,
@@ -64,18 +66,28 @@ from labengine.openai_protocol import (ChatChoiceLogprobs, ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 
+# The format the embedded model (labengine/tinylab) was trained on: "Question: ...\nAnswer: ...".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% if message['role'] in ('system', 'developer') %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Answer: {{ message['content'] }}\n"
+    "{% else %}Question: {{ message['content'] }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
 )
 
 
 def default_chat_prompt(messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
     """DEFAULT_CHAT_TEMPLATE in plain Python (no Jinja needed)."""
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-    return text + ("Assistant:" if add_generation_prompt else "")
+    lines = []
+    for m in messages:
+        if m["role"] in ("system", "developer"):
+            lines.append(f"{m['content']}\n")
+        elif m["role"] == "assistant":
+            lines.append(f"Answer: {m['content']}\n")
+        else:
+            lines.append(f"Question: {m['content']}\n")
+    return "".join(lines) + ("Answer:" if add_generation_prompt else "")
 
 
 # ---------------------------------------------------------------------- errors
@@ -742,7 +754,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m labengine.serve",
                                 description="labengine's OpenAI-compatible server.")
     p.add_argument("--model", default=None,
-                   help="model folder or HF name (default: the lab's embedded model, if present)")
+                   help="model folder or HF name (default: the lab's embedded model, labengine/tinylab)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LABENGINE_API_KEY"),
@@ -779,10 +791,14 @@ def engine_args_from_cli(ns: argparse.Namespace):
 
 
 def default_model() -> Optional[str]:
+    """The embedded model, by its short name ("labengine/tinylab") so clients can say that."""
     try:
-        import labengine
+        from labengine import embedded
 
-        return getattr(labengine, "DEFAULT_MODEL", None)
+        for alias, path in getattr(embedded, "MODEL_ALIASES", {}).items():
+            if "/" in alias and path == embedded.DEFAULT_MODEL:
+                return alias
+        return embedded.DEFAULT_MODEL
     except Exception:
         return None
 

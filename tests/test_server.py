@@ -192,7 +192,15 @@ def test_chat_logprobs_shape(client):
 def test_default_chat_template_is_documented_and_used(servers):
     from labengine.serve import default_chat_prompt
 
-    assert default_chat_prompt([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
+    from jinja2 import Template
+
+    from labengine.serve import DEFAULT_CHAT_TEMPLATE
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"},
+            {"role": "assistant", "content": "Rome."}, {"role": "user", "content": "And Japan?"}]
+    expected = "Be brief.\nQuestion: Capital of Italy?\nAnswer: Rome.\nQuestion: And Japan?\nAnswer:"
+    assert default_chat_prompt(msgs) == expected
+    assert Template(DEFAULT_CHAT_TEMPLATE).render(messages=msgs, add_generation_prompt=True) == expected
 
 
 # ---------------------------------------------------------------------- errors
