@@ -444,15 +444,20 @@ class Sampler:
         ns_logprob = torch.empty(n_ns, dtype=torch.float32, device=device)
         if rand_pos:
             rsrc = [ns_src[p] for p in rand_pos]
-            probs = torch.softmax(_select_rows(logits, rsrc), dim=-1)
-            rtok = self._random(probs, seeded, device)
+            x = _select_rows(logits, rsrc)
+            # Unnormalised probabilities exp(x - max): sampling does not need the softmax's
+            # division, and the sampled token's logprob is x - max - log(sum).
+            x_max = x.amax(dim=-1, keepdim=True)
+            weights = torch.sub(x, x_max).exp_()
+            rtok, total = self._random(weights, seeded, device)
+            rlp = (x.gather(1, rtok.unsqueeze(1)) - x_max - total.log()).squeeze(1)
             if len(rand_pos) == n_ns:
                 ns_tokens = rtok
-                ns_logprob = probs.gather(1, rtok.unsqueeze(1)).squeeze(1).log_()
+                ns_logprob = rlp
             else:
                 rp = torch.tensor(rand_pos, device=device)
                 ns_tokens[rp] = rtok
-                ns_logprob[rp] = probs.gather(1, rtok.unsqueeze(1)).squeeze(1).log_()
+                ns_logprob[rp] = rlp
         if greedy_pos:
             gl = _select_rows(logprobs, [lsm_index[ns_src[p]] for p in greedy_pos])
             gtok = gl.argmax(dim=-1)
@@ -606,33 +611,38 @@ class Sampler:
                 outputs[gi].prompt_logprobs = plist
         return outputs
 
-    def _random(self, probs: torch.Tensor, seeded, device) -> torch.Tensor:
-        """Draws one token per row of ``probs``, with the global RNG, or with the request's
-        own generator for the rows of seeded requests (a seeded request draws the same
-        amount of randomness every step, whatever else is in the batch)."""
+    def _random(self, weights: torch.Tensor, seeded, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws one token per row from ``weights`` (unnormalised probabilities; consumed),
+        with the global RNG, or with the request's own generator for the rows of seeded
+        requests (a seeded request draws the same amount of randomness every step,
+        whatever else is in the batch). Returns (tokens, row sums of the weights)."""
         method = self.sampling_method
         if method == "auto":
-            method = "exponential" if probs.device.type == "cuda" else "inverse_cdf"
+            method = "exponential" if weights.device.type == "cuda" else "inverse_cdf"
+        # (an accurate sum for the logprobs; the running cumsum below accumulates error)
+        total = weights.sum(dim=-1, keepdim=True)
         if method == "exponential":
-            # vLLM: argmax(probs / q), q ~ Exp(1). q = -log(U), U ~ Uniform[0, 1), is the
-            # same law as Tensor.exponential_ and several times faster on CPU;
-            # argmax(probs / -log U) = argmin(probs / log U) (log U <= 0) saves a pass.
-            u = torch.empty_like(probs)
+            # vLLM: argmax(probs / q), q ~ Exp(1) (the row's normalisation does not change
+            # the argmax). q = -log(U), U ~ Uniform[0, 1), is the same law as
+            # Tensor.exponential_ and several times faster on CPU;
+            # argmax(w / -log U) = argmin(w / log U) (log U <= 0) saves a pass.
+            u = torch.empty_like(weights)
             u.uniform_()
             for start, count, seq_group in seeded:
                 if count:
                     u[start:start + count].uniform_(generator=get_generator(seq_group, device))
             u.log_()
-            return torch.div(probs, u, out=u).argmin(dim=-1)
+            return torch.div(weights, u, out=u).argmin(dim=-1), total
         # Inverse CDF: one uniform number per row instead of one per vocabulary entry.
-        u = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=device)
+        u = torch.empty(weights.shape[0], 1, dtype=weights.dtype, device=device)
         u.uniform_()
         for start, count, seq_group in seeded:
             if count:
                 u[start:start + count].uniform_(generator=get_generator(seq_group, device))
-        cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        # target < total strictly, so the first index whose cdf exceeds it exists and has a
-        # positive probability (cdf[i] > cdf[i-1]).
-        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True).squeeze(1)
+        cdf = weights.cumsum_(dim=-1)
+        last = cdf[:, -1:]
+        # target < last strictly, so the first index whose cdf exceeds it exists and has a
+        # positive weight (cdf[i] > cdf[i-1]).
+        target = torch.minimum(u * last, torch.nextafter(last, torch.zeros_like(last)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(1), total
