@@ -268,8 +268,9 @@ def requests(df: pd.DataFrame) -> pd.DataFrame:
         row.setdefault("prompt_len", r.prompt_len)
     pre = df[df["event"] == "preempted"]
     for rid, g in pre.groupby("request_id", sort=False):
-        rows[rid]["num_preemptions"] = len(g)
-        rows[rid]["preemption_modes"] = tuple(g["mode"])
+        row = rows.setdefault(rid, {"request_id": rid})
+        row["num_preemptions"] = len(g)
+        row["preemption_modes"] = tuple(g["mode"])
     # peak device blocks per request (ledger replay)
     led = df[(df["event"].isin(["block_allocated", "block_freed"])) & (df["device"] == "gpu")]
     held: dict[str, int] = {}
