@@ -310,3 +310,31 @@ def test_real_engine_listeners(tiny_model):
     assert len(seen) == n
     sf = [e for e in seen if e.kind == "step_finished"]
     assert sf and all(e.latency_s >= e.forward_s >= 0 for e in sf)
+
+
+def test_overhead_benchmark_compiles_publishing_out(tiny_model):
+    """benchmarks/bench_overhead.py's baseline: with the `.active` tests compiled out the
+    engine publishes nothing and generates the same tokens; swapping back restores events."""
+    import importlib.util
+    from labengine import LLM
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "bench_overhead.py")
+    spec = importlib.util.spec_from_file_location("bench_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    llm = LLM(model=tiny_model, num_gpu_blocks_override=32, block_size=4, seed=0, max_model_len=64)
+    params = _params(max_tokens=4, temperature=0.0, ignore_eos=True)
+    base = llm.generate(["a b c", "d e"], params, use_tqdm=False)
+    patches, sites = bench.compiled_out_patches()
+    assert sum(sites.values()) >= 5 and patches
+    seen = []
+    llm.add_event_listener(seen.append)
+    bench.apply(patches, True)
+    try:
+        out = llm.generate(["a b c", "d e"], params, use_tqdm=False)
+    finally:
+        bench.apply(patches, False)
+    assert not seen
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in base]
+    llm.generate(["a b c"], params, use_tqdm=False)
+    llm.remove_event_listener(seen.append)
+    assert {e.kind for e in seen} >= {"request_added", "step_finished", "block_allocated"}
