@@ -162,10 +162,29 @@ def timings(model_dir, n_tokens=50, repeats=3):
     return res
 
 
+def cold_load_timings(model_dir):
+    """In a fresh Python: import torch and transformers' Llama, then the first load of model and tokenizer."""
+    import subprocess
+    code = (
+        "import time, json\n"
+        "w, c = time.perf_counter(), time.process_time()\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "import transformers.models.llama.modeling_llama\n"
+        "w1, c1 = time.perf_counter(), time.process_time()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({model_dir!r}, dtype=torch.float32)\n"
+        f"t = AutoTokenizer.from_pretrained({model_dir!r})\n"
+        "w2, c2 = time.perf_counter(), time.process_time()\n"
+        "print(json.dumps(dict(import_wall_s=w1 - w, import_cpu_s=c1 - c, first_load_wall_s=w2 - w1,"
+        " first_load_cpu_s=c2 - c1)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     model_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         HERE, "..", "..", "labengine", "embedded", "tinylab")
-    model, tok = load(model_dir)
+    model, tok = load(model_dir, threads=1)
     texts, eos = generate(model, tok, LESSON_PROMPTS + OTHER_PROMPTS, max_new_tokens=100)
     for p, t, e in zip(LESSON_PROMPTS + OTHER_PROMPTS, texts, eos):
         print(f"{p!r} -> {t!r} {'[EOS]' if e else ''}")
@@ -178,6 +197,7 @@ def main():
     if os.path.exists(val):
         print("held-out perplexity: %.3f (nll %.4f over %d tokens)" % heldout_perplexity(model, tok, val))
     print(timings(model_dir))
+    print(cold_load_timings(model_dir))
 
 
 if __name__ == "__main__":

@@ -342,7 +342,8 @@ GENERATORS = [
 ]
 
 
-def generate(seed: int, target_bytes: int):
+def generate(seed: int, target_bytes: int, kinds: bool = False):
+    """Yield (index, document), or (index, document, generator name) with kinds=True."""
     rng = random.Random(seed)
     gens = [g for g, _ in GENERATORS]
     weights = [w for _, w in GENERATORS]
@@ -352,7 +353,7 @@ def generate(seed: int, target_bytes: int):
         g = rng.choices(gens, weights=weights)[0]
         doc = g(rng)
         total += len(doc.encode("utf-8")) + 1
-        yield i, doc
+        yield (i, doc, g.__name__) if kinds else (i, doc)
         i += 1
 
 
