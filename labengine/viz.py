@@ -458,7 +458,7 @@ def plot_timeline(df: pd.DataFrame, ax=None, max_labels: int = 40):
         ok = pre["request_id"].isin(rows.index)
         ax.scatter(pre.loc[ok, "step"], rows.loc[pre.loc[ok, "request_id"]].to_numpy(), marker="v",
                    s=22, c=STATE_COLORS["preempted"], edgecolors="black", linewidths=0.4, zorder=3)
-    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_ylim(max(n, 1) - 0.5, -0.5)
     ids = list(dict.fromkeys(tl["request_id"]))
     stride = max(1, int(np.ceil(n / max_labels)))
     ax.set_yticks(range(0, n, stride))
