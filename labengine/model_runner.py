@@ -62,8 +62,9 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> tuple[int, int]:
         cc, sc = self.config.cache_config, self.config.scheduler_config
-        # Never more blocks than max_num_seqs sequences of max_model_len tokens can fill: a
-        # small model on a big GPU would otherwise get millions of blocks nobody can use.
+        # Never more blocks (in the cache or the swap pool) than max_num_seqs sequences of
+        # max_model_len tokens can fill: a small model would otherwise get millions of
+        # blocks nobody can use, and bookkeeping that grows with them.
         enough = sc.max_num_seqs * cdiv(sc.max_model_len, self.block_size)
         if cc.num_gpu_blocks_override is not None:
             num_gpu = cc.num_gpu_blocks_override
@@ -72,7 +73,7 @@ class ModelRunner:
         else:
             # CPU default: cpu_kv_cache_space GiB (1 by default).
             num_gpu = max(1, min(cc.cpu_kv_cache_space_bytes // self.block_bytes, enough))
-        num_cpu = int(cc.swap_space_bytes // self.block_bytes)
+        num_cpu = int(min(cc.swap_space_bytes // self.block_bytes, enough))
         if num_gpu * self.block_size < self.max_model_len:
             raise ValueError(
                 f"The model's max seq len ({self.max_model_len}) is larger than the maximum number of tokens "
