@@ -21,7 +21,7 @@ import pandas as pd
 __all__ = ["CheckFailed", "check", "check_equal", "check_close", "check_type", "blocks_needed",
            "as_dataframe", "peak_blocks_per_request", "max_blocks_in_use", "preemptions",
            "preempted_request_ids", "blocks_freed_by", "max_batch_size", "intervals_overlap",
-           "summary", "capture_logs"]
+           "summary", "capture_logs", "greedy_agreement", "exact_greedy_expected", "check_same_greedy"]
 
 _results: list[tuple[str, bool, str]] = []
 
@@ -89,6 +89,52 @@ def check_type(name: str, obj: Any, cls, hint: str = "") -> None:
 def summary() -> dict:
     """Counts of the checks run in this kernel so far: {"passed": n, "failed": m}."""
     return {"passed": sum(ok for _, ok, _ in _results), "failed": sum(not ok for _, ok, _ in _results)}
+
+
+# ------------------------------------------------------------------------------------------
+# comparing greedy runs
+
+
+def _token_lists(outputs) -> list:
+    out = []
+    for o in outputs:
+        if hasattr(o, "outputs"):  # RequestOutput: its first completion
+            o = o.outputs[0]
+        out.append(list(getattr(o, "token_ids", o)))
+    return out
+
+
+def greedy_agreement(outputs_a, outputs_b) -> float:
+    """The fraction of requests whose (first) completions have identical token ids.
+    Accepts RequestOutputs, CompletionOutputs, token-id lists or texts."""
+    a, b = _token_lists(outputs_a), _token_lists(outputs_b)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} outputs vs {len(b)}: compare the same requests")
+    return sum(x == y for x, y in zip(a, b)) / len(a) if a else 1.0
+
+
+def exact_greedy_expected(llm) -> bool:
+    """True when greedy results must not depend on the batch: the engine computes in float32
+    (the CPU default). In half precision (the GPU default) a different batch shape changes
+    the order of floating-point sums, and a near-tie between two tokens can flip."""
+    import torch
+
+    engine = getattr(llm, "llm_engine", None) or getattr(llm, "engine", None) or llm
+    return engine.model_config.dtype == torch.float32
+
+
+def check_same_greedy(name: str, outputs_a, outputs_b, llm, min_half_precision: float = 0.5) -> None:
+    """check that two greedy runs of the same requests (batched differently, preempted or
+    not ...) generated the same tokens: all of them in float32; in half precision at least
+    `min_half_precision` of them (see exact_greedy_expected)."""
+    frac = greedy_agreement(outputs_a, outputs_b)
+    n = len(_token_lists(outputs_a))
+    if exact_greedy_expected(llm):
+        check(name, frac == 1.0, f"{round(frac * n)} of {n} requests identical (float32)")
+    else:
+        check(name, frac >= min_half_precision,
+              f"{round(frac * n)} of {n} requests identical (half precision: a different batch may flip a "
+              "near-tie between two tokens, after which the texts differ)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -116,9 +116,13 @@ def report(nb: nbformat.NotebookNode) -> dict:
 
 def print_report(rep: dict, name: str, elapsed: float) -> None:
     print(f"Grading {name}")
-    for p in rep["cell_errors"][:3]:
-        where = "your solution cell" if p["solution"] else "a setup cell"
-        print(f"  ! {where} {p['id']} raised {p['error'].splitlines()[0][:300]}")
+    for p in rep["cell_errors"][:4]:
+        first = p["error"].splitlines()[0][:300] if p["error"] else "an error"
+        if p["solution"] and first.startswith("NotImplementedError"):
+            print(f"  ! your code in cell {p['cell']} is not written yet (NotImplementedError)")
+        else:
+            where = "your code in cell" if p["solution"] else "setup cell"
+            print(f"  ! {where} {p['cell']} raised {first}")
     for c in rep["checks"]:
         mark = "✓" if c["passed"] else "✗"
         print(f"  {mark} {c['name']}")

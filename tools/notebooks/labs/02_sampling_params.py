@@ -24,12 +24,13 @@ import matplotlib.pyplot as plt
 
 import labengine
 from labengine import LLM, SamplingParams, viz
+from labengine.grading import check_same_greedy
 from labengine.widgets import SamplingExplorer
 
 MODEL = labengine.DEFAULT_MODEL
 # max_logprobs: let the engine return many alternatives per token, so we can see the whole distribution.
 llm = LLM(model=MODEL, seed=0, max_logprobs=1000)
-PROMPT = "The capital of France is"
+PROMPT = "Hello, my name is"   # many plausible next tokens: a good prompt to watch
 
 # %% [markdown]
 # ## The SamplingExplorer
@@ -40,11 +41,12 @@ PROMPT = "The capital of France is"
 # probabilities; filled bars are what is left after sampling. Under the chart, the engine
 # generates a continuation with the same settings and a fixed seed.
 #
-# Move the sliders: `temperature` to 0.2 and then 1.8, `top_k` to 3, `top_p` to 0.5. Type
-# another prompt. (When this notebook runs outside Jupyter the widget is just not drawn.)
+# Move the sliders: `temperature` to 0.2 and then 1.8, `top_k` to 3, `top_p` to 0.5. Then type
+# another prompt: "The capital of France is" (the model is sure), "Once upon a time, there lived a"
+# (many equally good words). (When this notebook runs outside Jupyter the widget is just not drawn.)
 
 # %%
-explorer = SamplingExplorer(llm, PROMPT, max_tokens=16)
+explorer = SamplingExplorer(llm, PROMPT, max_tokens=12)
 explorer
 
 # %% [markdown]
@@ -122,11 +124,11 @@ for k in (1, 4, 12):
 # ## Do the engine's samples follow that distribution?
 #
 # The charts are computed. The engine samples. If they agree, sampling the first token many
-# times should reproduce the computed probabilities. One batch of 300 copies of the prompt,
+# times should reproduce the computed probabilities. One batch of 200 copies of the prompt,
 # one token each, at `temperature=0.8`:
 
 # %%
-N, T = 300, 0.8
+N, T = 200, 0.8
 outs = llm.generate([PROMPT] * N, SamplingParams(temperature=T, max_tokens=1), use_tqdm=False)
 drawn = [o.outputs[0].token_ids[0] for o in outs]
 expected = viz.sampling_stages(tokens, logprobs, token_ids, temperature=T)
@@ -136,7 +138,7 @@ for tok, p, q in zip(top["token"], top["p_final"], observed):
     print(f"{tok!r:>14}: computed {p:.3f}   sampled {q:.3f}")
 tv = 0.5 * np.abs(top["p_final"].to_numpy() - observed).sum()
 print(f"difference on these tokens (total variation): {tv:.3f}")
-assert tv < 0.2, "300 samples should land close to the computed distribution"
+assert tv < 0.2, "200 samples should land close to the computed distribution"
 
 # %% [markdown]
 # ## The lesson's strategies, on the real model
@@ -158,8 +160,8 @@ for (name, sp), res in zip(strategies.items(), results):
     for c in res.outputs:
         print(f"{name:>13}: {c.text!r}  ({c.finish_reason})")
 
-again = llm.generate([PROMPT], strategies["greedy"], use_tqdm=False)[0]
-assert again.outputs[0].text == results[0].outputs[0].text, "greedy is deterministic"
+again = llm.generate([PROMPT], strategies["greedy"], use_tqdm=False)
+check_same_greedy("greedy is deterministic", again, results[:1], llm)
 assert len(results[4].outputs) == 3
 
 # %% [markdown]
@@ -176,7 +178,7 @@ def repeated_share(token_ids):
     return 1 - len(set(token_ids)) / len(token_ids)
 
 for kw in (dict(), dict(frequency_penalty=1.0), dict(repetition_penalty=1.5)):
-    c = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, **kw),
+    c = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, **kw),
                      use_tqdm=False)[0].outputs[0]
     print(f"{str(kw or 'no penalty'):>28}: {repeated_share(c.token_ids):.0%} repeated tokens  {c.text[:70]!r}")
 

@@ -33,7 +33,7 @@ prompts = [
     "Once upon a time",
     "The meaning of life is",
 ]
-sampling_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=0)
+sampling_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=0)
 outputs = llm.generate(prompts, sampling_params)
 
 for output in outputs:
@@ -155,9 +155,9 @@ prompt = "Once upon a time"
 base = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)[0].outputs[0]
 print("no stop strings:", repr(base.text), base.finish_reason)
 
-# pick a stop string that really occurs: the first word of 3+ letters after the 10th character
-words = [w.strip(".,;:!?\"'") for w in base.text[10:].split()]
-stop_word = next((w for w in words if len(w) >= 3), None) or "the"
+# pick a stop string that really occurs: the first whole word of 4+ letters that starts after the 10th character
+words = [w.strip(".,;:!?\"'") for w in base.text.split()]
+stop_word = next((w for w in words if len(w) >= 4 and base.text.find(w) >= 10), None) or "the"
 print("stop string:", repr(stop_word))
 
 cases = {

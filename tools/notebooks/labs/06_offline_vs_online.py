@@ -26,6 +26,7 @@ import pandas as pd
 
 import labengine
 from labengine import LLM, AsyncLLMEngine, SamplingParams
+from labengine.grading import check_same_greedy
 
 MODEL = labengine.DEFAULT_MODEL
 llm = LLM(model=MODEL, seed=0)
@@ -34,9 +35,7 @@ online = AsyncLLMEngine(llm.llm_engine, log_requests=False)
 
 prompts = [f"Tell me a fact about the number {i}." for i in range(16)]
 params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-with llm.trace() as warm_up:                        # warm-up, and the time of one decode step alone
-    llm.generate(prompts[:1], params, use_tqdm=False)
-single_step_ms = warm_up.steps()["latency_s"].median() * 1e3
+_ = llm.generate(prompts[:2], params, use_tqdm=False)   # warm-up
 
 # %% [markdown]
 # ## Offline: everything at once
@@ -69,12 +68,15 @@ offline.describe().loc[["mean", "50%", "max"], ["ttft_ms", "tpot_ms", "e2e_ms"]]
 # ## Online: requests arrive over time
 #
 # Now the same prompts arrive one at a time, a fixed gap apart: four decode steps of a lone
-# request (measured in the warm-up), so on any machine a few requests overlap, as on a lightly
-# loaded server. Each client streams its answer and notes when the first token, and each
-# later token, arrived.
+# request (measured first, on the online engine), so on any machine a few requests overlap,
+# as on a lightly loaded server. Each client streams its answer and notes when the first
+# token, and each later token, arrived.
 
 # %%
-gap_s = 4 * single_step_ms / 1e3
+with online.trace() as alone:                         # one request alone: how long is a decode step?
+    await online.generate(prompts[0], params, "alone")
+st = alone.steps()
+gap_s = 4 * st.loc[~st["is_prefill"], "latency_s"].median()
 
 async def client(i, prompt):
     await asyncio.sleep(i * gap_s)                       # this request arrives later
@@ -177,7 +179,8 @@ async with httpx.AsyncClient(base_url=base, timeout=60) as http:
 print(r.status_code, body["choices"][0])
 print("usage:", body["usage"])
 direct = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
-assert r.status_code == 200 and body["choices"][0]["text"] == direct.outputs[0].text, "same engine, same answer"
+assert r.status_code == 200
+check_same_greedy("the server answers as the engine does", [body["choices"][0]["text"]], [direct.outputs[0].text], llm)
 
 # %% [markdown]
 # With `"stream": true` the answer arrives as server-sent events, one chunk per step; we

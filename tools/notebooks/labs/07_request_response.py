@@ -20,7 +20,8 @@ from labengine import LLM, SamplingParams
 from labengine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 MODEL = labengine.DEFAULT_MODEL
-llm = LLM(model=MODEL, seed=0)
+# at most 6 sequences per step: the batch at the end of the notebook has to queue
+llm = LLM(model=MODEL, seed=0, max_num_seqs=6)
 tokenizer = llm.get_tokenizer()
 
 # %% [markdown]
@@ -117,16 +118,15 @@ assert m.model_forward_time <= m.model_execute_time <= m.finished_time - m.arriv
 # %% [markdown]
 # ## Metrics of a batch, charted
 #
-# 24 requests with different lengths, at most 6 running at once (`max_num_seqs` is fixed per
-# engine, so we make a second one). For each request: time in the queue, time to its first
-# token, then decoding until it finished. We also check the metrics against the trace, which
-# measures the same things from the engine's events.
+# 24 requests with different lengths, at most 6 running at once (`max_num_seqs=6`, set when
+# the engine was created). For each request: time in the queue, time to its first token, then
+# decoding until it finished. We also check the metrics against the trace, which measures the
+# same things from the engine's events.
 
 # %%
-busy = LLM(model=MODEL, seed=0, max_num_seqs=6)
 lengths = [6 + (5 * i) % 19 for i in range(24)]
-with busy.trace() as trace:
-    batch = busy.generate([f"Story number {i}:" for i in range(24)],
+with llm.trace() as trace:
+    batch = llm.generate([f"Story number {i}:" for i in range(24)],
                           [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],
                           use_tqdm=False)
 t0 = min(o.metrics.arrival_time for o in batch)
@@ -162,7 +162,6 @@ diff = (ttft - req.loc[ttft.index, "ttft_s"]).abs().max()
 print(f"TTFT from RequestMetrics and from the trace agree to {diff * 1e3:.3f} ms")
 assert diff < 1e-3
 assert (req.loc[[o.request_id for o in batch], "output_len"].to_numpy() == met["tokens"].to_numpy()).all()
-del busy
 
 # %% [markdown]
 # ## What to remember

@@ -23,7 +23,7 @@ from labengine.grading import check, check_close, check_equal, check_type
 
 MODEL = labengine.DEFAULT_MODEL
 PROMPTS = ["The capital of France is", "Once upon a time", "The meaning of life is"]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 # %% [markdown]
 # ## Task 1: create the engine
@@ -118,7 +118,7 @@ check("temperatures 0.3 / 0.8 / 1.3",
       "focused < balanced < creative")
 check("balanced uses top_p=0.95", abs(_p["balanced"].top_p - 0.95) < 1e-9, f"top_p={_p['balanced'].top_p}")
 check("every setting has a seed and max_tokens=MAX_TOKENS",
-      all(p.seed is not None and p.max_tokens == MAX_TOKENS for p in _p.values()), "seeded, 24 tokens")
+      all(p.seed is not None and p.max_tokens == MAX_TOKENS for p in _p.values()), f"seeded, {MAX_TOKENS} tokens")
 for _name, _params in _p.items():
     _mine = [o.outputs[0].token_ids for o in outputs_by_name[_name]]
     _ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params, use_tqdm=False)]

@@ -14,12 +14,12 @@ import time
 
 import labengine
 from labengine import LLM, SamplingParams
-from labengine.grading import check, check_close, check_equal, intervals_overlap
+from labengine.grading import check, check_close, check_equal, check_same_greedy, intervals_overlap
 
 MODEL = labengine.DEFAULT_MODEL
 llm = LLM(model=MODEL, seed=0)
 # Greedy, fixed length: both runs do exactly the same work.
-params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 llm.generate(["warm-up"], params, use_tqdm=False);  # the first call pays one-time costs
 
 # %% [markdown]
@@ -31,7 +31,7 @@ llm.generate(["warm-up"], params, use_tqdm=False);  # the first call pays one-ti
 # %% tags=["solution"]
 ### BEGIN SOLUTION
 animals = ["cat", "dog", "fox", "owl", "bee", "cow", "eel", "ant", "bat", "elk"]
-prompts = [f"Question {i}: what does a {animals[i % 10]} like to eat?" for i in range(60)]
+prompts = [f"Question {i}: what does a {animals[i % 10]} eat?" for i in range(50)]
 ### END SOLUTION
 
 # %% tags=["check"]
@@ -90,9 +90,7 @@ print(f"one by one: {single_rps:.1f} requests/s; batch: {batch_rps:.1f} requests
 check_equal("one output per prompt, in order", [o.prompt for o in single_outputs], prompts)
 _iv = [(o.metrics.first_scheduled_time, o.metrics.finished_time) for o in single_outputs]
 check("no two requests ran at the same time", not intervals_overlap(_iv), "their intervals never overlap")
-check("same tokens as the batch (greedy)",
-      [o.outputs[0].token_ids for o in single_outputs] == [o.outputs[0].token_ids for o in batch_outputs],
-      "batching does not change greedy results")
+check_same_greedy("same tokens as the batch (greedy)", single_outputs, batch_outputs, llm)
 check_close("single_rps = len(prompts) / single_s", single_rps, len(prompts) / single_s, rel=0.01)
 check_close("speedup = batch_rps / single_rps", speedup, batch_rps / single_rps, rel=0.01)
 check("batching is faster on this machine", speedup > 1.0, f"{speedup:.1f}x")

@@ -17,7 +17,7 @@ from labengine.grading import check, check_close, check_equal
 MODEL = labengine.DEFAULT_MODEL
 llm = LLM(model=MODEL, seed=0)
 PROMPT = "Once upon a time"
-N, MAX_TOKENS, SEED = 5, 24, 0
+N, MAX_TOKENS, SEED = 5, 16, 0
 TEMPERATURES = [0.2, 0.7, 1.2]
 
 # %% [markdown]

@@ -18,7 +18,7 @@ from labengine.grading import check, check_equal
 MODEL = labengine.DEFAULT_MODEL
 llm = LLM(model=MODEL, seed=0)
 PROMPT = "Once upon a time"
-reference = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)[0].outputs[0]
+reference = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)[0].outputs[0]
 print("the greedy text, without any stop rule:")
 print(repr(reference.text))
 
@@ -26,17 +26,17 @@ print(repr(reference.text))
 # ## Task 1: a stop string
 #
 # Choose `STOP`, a word (or any string of 3+ characters) that appears in `reference.text`
-# **after its first 10 characters**. Generate `PROMPT` greedily with `max_tokens=48` and
+# **after its first 10 characters**. Generate `PROMPT` greedily with `max_tokens=32` and
 # `stop=[STOP]`; store the `CompletionOutput` in `stopped`. Then do the same with
 # `include_stop_str_in_output=True` and store it in `stopped_kept`. Print both texts and their
 # `finish_reason` and `stop_reason`.
 
 # %% tags=["solution"]
 ### BEGIN SOLUTION
-STOP = next(w for w in reference.text[10:].split() if len(w) >= 3)
-stopped = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=48, stop=[STOP]),
+STOP = next(w for w in reference.text.split() if len(w) >= 4 and reference.text.find(w) >= 10)
+stopped = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP]),
                        use_tqdm=False)[0].outputs[0]
-stopped_kept = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=48, stop=[STOP],
+stopped_kept = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP],
                                                      include_stop_str_in_output=True),
                             use_tqdm=False)[0].outputs[0]
 for c in (stopped, stopped_kept):
@@ -59,7 +59,7 @@ check_equal("with include_stop_str_in_output the text ends with STOP", stopped_k
 # 1. `short`: generate `PROMPT` greedily with `max_tokens=7` (no stop string).
 # 2. `forced`: the same stop string as in Task 1, but with `min_tokens` set so that the stop
 #    string **cannot** fire where it did in Task 1: choose `MIN_TOKENS` larger than the number
-#    of tokens `stopped` has, and use `max_tokens=48`.
+#    of tokens `stopped` has, and use `max_tokens=32`.
 #
 # Store both `CompletionOutput`s and print their lengths and finish reasons.
 
@@ -67,7 +67,7 @@ check_equal("with include_stop_str_in_output the text ends with STOP", stopped_k
 ### BEGIN SOLUTION
 short = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=7), use_tqdm=False)[0].outputs[0]
 MIN_TOKENS = len(stopped.token_ids) + 3
-forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=48, stop=[STOP], min_tokens=MIN_TOKENS),
+forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP], min_tokens=MIN_TOKENS),
                       use_tqdm=False)[0].outputs[0]
 for c in (short, forced):
     print(len(c.token_ids), c.finish_reason, repr(c.text))
@@ -106,7 +106,7 @@ def finish_counts(outputs):
 # Check 3: finish_counts on real outputs
 _outs = llm.generate([PROMPT, PROMPT, "The capital of France is"],
                      [SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
-                      SamplingParams(temperature=0.0, max_tokens=48, stop=[STOP]),
+                      SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP]),
                       SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=0, ignore_eos=True)], use_tqdm=False)
 check_equal("finish_counts", finish_counts(_outs), {"length": 4, "stop": 1})
 check_equal("finish_counts([])", finish_counts([]), {})
