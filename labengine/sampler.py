@@ -7,7 +7,8 @@ Order of operations (vLLM v0.5.4, reference section 4), on each row of the batch
 3. penalties (sample rows only): repetition over prompt and output (``logit / r`` if
    positive, ``logit * r`` otherwise), then frequency and presence over the output,
 4. ``/ temperature`` (greedy and beam use 1),
-5. top-k, 6. top-p (one sort, as vLLM), 7. min-p,
+5. top-k, 6. top-p (vLLM's one-sort semantics; a ``topk`` of candidates replaces the
+   full sort when the cut lies among them), 7. min-p,
 8. float32 log_softmax: these *processed* logprobs are the ones returned,
 9. sample: greedy = argmax; random = ``argmax(probs / Exp(1))`` as vLLM on CUDA, or by
    inverse CDF (one uniform number per row) on CPU, where drawing a random number per
@@ -152,6 +153,80 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) ->
     top_p_mask[:, -1] = False
     logits_sort.masked_fill_(top_p_mask, -float("inf"))
     return torch.empty_like(logits_sort).scatter_(dim=-1, index=logits_idx, src=logits_sort)
+
+
+# Top-p without top-k first looks for its cut among this many top tokens (one cheap topk);
+# only rows whose cut lies further down pay for vLLM's full sort.
+TOP_P_CANDIDATES = 256
+
+
+def apply_truncation(logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+    """top-k then top-p on each row (k = vocab size: no top-k; p = 1: no top-p), with the
+    result of vLLM's one-sort ``apply_top_k_top_p`` but without sorting the whole vocabulary
+    where a ``topk`` suffices. Modifies ``logits`` in place and returns it.
+
+    * top-k alone: mask the logits below the k-th largest value (ties kept).
+    * top-p (with or without top-k): the kept tokens are among the top c candidates
+      (c = k with top-k, else TOP_P_CANDIDATES); top-p's ascending cumulative sum is the mass of the
+      tokens below the candidates plus the candidates' own ascending cumsum. When the cut is
+      not inside the candidates (or ties at the k-th value reach past them) the row falls
+      back to the full sort.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    neg_inf = -float("inf")
+    k_rows = [i for i in range(n) if ps[i] >= 1.0 and ks[i] < vocab]
+    p_rows = [i for i in range(n) if ps[i] < 1.0]
+    if k_rows:
+        kmax = max(ks[i] for i in k_rows)
+        x = _select_rows(logits, k_rows)
+        vals = x.topk(kmax, dim=-1).values
+        kth = vals.gather(1, torch.tensor([ks[i] - 1 for i in k_rows], device=device).unsqueeze(1))
+        logits = _write_rows(logits, k_rows, x.masked_fill_(x < kth, neg_inf))
+    if not p_rows:
+        return logits
+    x = _select_rows(logits, p_rows)
+    cs = [ks[i] if ks[i] < vocab else min(TOP_P_CANDIDATES, vocab) for i in p_rows]
+    has_k = torch.tensor([ks[i] < vocab for i in p_rows], device=device)
+    cmax = max(cs)
+    vals, idx = x.topk(cmax, dim=-1)  # descending
+    c_t = torch.tensor(cs, device=device)
+    pos = torch.arange(cmax, device=device).unsqueeze(0)
+    # top-k: the k-th value (ties kept); with top-k the candidates are the top k, and a row
+    # whose ties at the k-th value reach past them takes the full sort.
+    kth = torch.where(has_k.unsqueeze(1), vals.gather(1, (c_t - 1).unsqueeze(1)),
+                      torch.full((len(p_rows), 1), neg_inf, device=device))
+    if any(ks[i] < vocab for i in p_rows):
+        x_masked = x.masked_fill(x < kth, neg_inf)
+        n_kept_by_k = (x_masked > neg_inf).sum(dim=-1)
+    else:
+        x_masked, n_kept_by_k = x, c_t
+    # candidate probabilities under the top-k-masked distribution
+    lse = torch.logsumexp(x_masked, dim=-1, keepdim=True)
+    cand = vals.masked_fill(pos >= c_t.unsqueeze(1), neg_inf)
+    cand = cand.masked_fill(cand < kth, neg_inf)
+    cand_p = (cand - lse).exp()
+    rest = (1.0 - cand_p.sum(dim=-1, keepdim=True)).clamp_(min=0.0)
+    rest = torch.where(has_k.unsqueeze(1), torch.zeros_like(rest), rest)
+    asc_p = cand_p.flip(-1)
+    cum_asc = rest + asc_p.cumsum(dim=-1)
+    p_t = torch.tensor([ps[i] for i in p_rows], dtype=logits.dtype, device=device)
+    mask_asc = cum_asc <= 1 - p_t.unsqueeze(1)
+    mask_asc[:, -1] = False
+    keep = ~mask_asc.flip(-1) & (cand > neg_inf)  # descending order, like vals
+    # Falls back: top-k ties beyond the candidates, or a top-p cut below the candidates.
+    lowest = (c_t - 1).unsqueeze(1)
+    lowest_kept = keep.gather(1, lowest).squeeze(1)
+    needs_full = torch.where(has_k, n_kept_by_k > c_t, lowest_kept & (c_t < vocab))
+    result = torch.full_like(x, neg_inf).scatter_(1, idx, torch.where(keep, vals, neg_inf))
+    needs_full_list = needs_full.tolist()
+    fallback = [j for j, f in enumerate(needs_full_list) if f]
+    if fallback:
+        sub = _select_rows(x, fallback)
+        result.index_copy_(0, torch.tensor(fallback, device=device), apply_top_k_top_p(
+            sub, torch.tensor([min(ks[p_rows[j]], vocab) for j in fallback], device=device),
+            torch.tensor([ps[p_rows[j]] for j in fallback], dtype=logits.dtype, device=device)))
+    return _write_rows(logits, p_rows, result)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -354,10 +429,9 @@ class Sampler:
             if not owned:
                 logits = logits.clone()
                 owned = True
-            logits = _write_rows(logits, trunc_rows, apply_top_k_top_p(
-                _select_rows(logits, trunc_rows),
-                torch.tensor([top_ks[r] for r in trunc_rows], device=device),
-                torch.tensor([top_ps[r] for r in trunc_rows], dtype=logits.dtype, device=device)))
+            logits = _write_rows(logits, trunc_rows, apply_truncation(
+                _select_rows(logits, trunc_rows), [top_ks[r] for r in trunc_rows],
+                [top_ps[r] for r in trunc_rows]))
         if min_p_rows:
             if not owned:
                 logits = logits.clone()

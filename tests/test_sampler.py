@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+import labengine.sampler as sampler_mod
 from labengine.sampler import (Sampler, SamplingMetadata, SequenceGroupToSample,
-                               apply_top_k_top_p)
+                               apply_top_k_top_p, apply_truncation)
 from labengine.sampling_params import SamplingParams
 from labengine.sequence import Logprob, Sequence, SequenceGroup, SequenceStatus
 
@@ -217,10 +218,16 @@ def test_top_k_survivors(kw, expected):
         == expected
 
 
+@pytest.fixture(params=[256, 2], ids=["candidates256", "candidates2"])
+def candidates(request, monkeypatch):
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("top_p,expected", [
     (1.0, {0, 1, 2, 3}), (0.9, {0, 1, 2}), (0.6, {0, 1}), (0.45, {0}), (0.01, {0}),
 ])
-def test_top_p_survivors(top_p, expected):
+def test_top_p_survivors(top_p, expected, candidates):
     assert survivors(run_processed(LOGP, top_p=top_p)) == expected
 
 
@@ -281,7 +288,7 @@ def reference_processed(values, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0)
     dict(temperature=2.0, min_p=0.3),
     dict(temperature=1.0, top_k=4),
 ])
-def test_processed_logprobs_match_reference(kw):
+def test_processed_logprobs_match_reference(kw, candidates):
     values = [3.1, 2.3, 0.4, -1.2, 1.7, 2.9, 0.0, -0.6, 1.1, 0.9, -3.0, 2.0]
     d = run_processed(values, **kw)
     ref = reference_processed(values, **kw)
@@ -296,6 +303,27 @@ def test_apply_top_k_top_p_rowwise():
     out = apply_top_k_top_p(logits.clone(), torch.tensor([2, 4]), torch.tensor([1.0, 0.5]))
     assert torch.isinf(out[0]).tolist() == [True, True, False, False]
     assert torch.isinf(out[1]).tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8, 256])
+def test_apply_truncation_matches_the_one_sort_version(monkeypatch, candidates):
+    """The fast path (topk candidates) keeps exactly what vLLM's full sort keeps."""
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 300, 40
+    x = torch.randn(n, vocab, generator=g) * 2.5
+    choice = lambda opts: opts[int(torch.randint(len(opts), (1,), generator=g))]  # noqa: E731
+    ks = [choice([1, 2, 3, 5, 8, 20, vocab]) for _ in range(n)]
+    ps = [choice([1.0, 0.05, 0.3, 0.5, 0.8, 0.9, 0.99]) for _ in range(n)]
+    for i in range(0, n, 7):  # ties at the top, with top-k only (top-p among ties is
+        x[i, :6] = x[i, 0]    # decided by sort position, in vLLM too)
+        ps[i] = 1.0
+    ref = apply_top_k_top_p(x.clone(), torch.tensor(ks), torch.tensor(ps))
+    got = apply_truncation(x.clone(), ks, ps)
+    assert torch.equal(torch.isinf(ref), torch.isinf(got))
+    kept = ~torch.isinf(ref)
+    assert torch.equal(ref[kept], got[kept])
+    assert torch.equal(got[kept], x[kept])
 
 
 # ---------------------------------------------------------------- min_tokens
