@@ -338,3 +338,27 @@ def test_overhead_benchmark_compiles_publishing_out(tiny_model):
     llm.generate(["a b c"], params, use_tqdm=False)
     llm.remove_event_listener(seen.append)
     assert {e.kind for e in seen} >= {"request_added", "step_finished", "block_allocated"}
+
+
+def test_checker_catches_a_leak_in_the_real_block_manager(tiny_model):
+    """LLM(check_invariants=True) names the step and the block when the block manager
+    forgets to free a finished request's block."""
+    from labengine import LLM
+    llm = LLM(model=tiny_model, num_gpu_blocks_override=16, block_size=4, seed=0, max_model_len=48,
+              check_invariants=True)
+    bm = llm.llm_engine.scheduler.block_manager
+    real_release = bm._release
+    skipped = []
+
+    def leaky_release(allocator, block, seq_id, reason):
+        if reason == "finished" and not skipped:
+            skipped.append(block)  # the block stays referenced: a leak
+            return
+        real_release(allocator, block, seq_id, reason)
+
+    bm._release = leaky_release
+    with pytest.raises(InvariantViolation) as info:
+        llm.generate(["one two three", "four five"], _params(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    err = info.value
+    assert err.block == skipped[0] and err.step is not None
+    assert f"block {skipped[0]}" in str(err) and "finished" in str(err)
