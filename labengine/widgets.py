@@ -220,14 +220,16 @@ class SamplingExplorer(W.VBox, _ErrorBox):
                 picks = rng.choice(len(d), size=self.max_tokens, p=probs / probs.sum())
             return "".join(d["token"].iloc[i] for i in picks), None
         K = self.num_logprobs or 20
-        out = self._generate(self.prompt.value, max_tokens=self.max_tokens, seed=seed, logprobs=K, **p)
-        comp = out.outputs[0]
+        # the engine's own processed distribution of the first token: which tokens it kept
+        first = self._generate(self.prompt.value, max_tokens=1, seed=seed, logprobs=K, **p).outputs[0]
         kept = None
         self.engine_returned = 0
-        if comp.logprobs:
-            first = comp.logprobs[0]
-            self.engine_returned = len(first)
-            kept = {tid for tid, lp in first.items() if np.isfinite(lp.logprob)}
+        if first.logprobs:
+            lp0 = first.logprobs[0]
+            self.engine_returned = len(lp0)
+            kept = {tid for tid, lp in lp0.items() if np.isfinite(lp.logprob)}
+        # the continuation, without per-token logprobs (K of them per token would be slow)
+        comp = self._generate(self.prompt.value, max_tokens=self.max_tokens, seed=seed, **p).outputs[0]
         return comp.text, kept
 
     @property
