@@ -168,7 +168,7 @@ class SamplingExplorer(W.VBox, _ErrorBox):
             vocab = len(self.llm.get_tokenizer())
         except Exception:  # noqa: BLE001
             pass
-        want = max(20, min(vocab or 20, 1000))
+        want = max(20, min(vocab or 20, 8192))  # the whole vocabulary of a small model
         try:
             self._generate(self.prompt.value, max_tokens=1, temperature=1.0, logprobs=want)
             self.num_logprobs = want

@@ -173,13 +173,13 @@ def llm(tmp_path_factory):
     path = make_random_model("llama", tmp_path_factory.mktemp("model"))
     from labengine import LLM
     return LLM(model=str(path), max_model_len=64, num_gpu_blocks_override=24, block_size=4, seed=0,
-               max_logprobs=1000)
+               max_logprobs=8192)
 
 
 def test_sampling_explorer_on_the_model(llm):
     ex = SamplingExplorer(llm, "hello world", max_tokens=6, plot=False)
     V = len(llm.get_tokenizer())
-    assert ex.num_logprobs >= min(V, 1000) and len(ex.stages) == min(V, ex.num_logprobs)
+    assert ex.num_logprobs >= V and len(ex.stages) == V
     assert np.isclose(np.exp(ex.stages["logprob"]).sum(), 1, atol=1e-3)  # the whole vocabulary
     for name, value in (("top_k", 5), ("top_p", 0.3), ("min_p", 0.2), ("temperature", 0.5)):
         getattr(ex, name).value = value
