@@ -546,6 +546,10 @@ class InvariantChecker:
         if handler is not None:
             handler(e)
 
+    def _on_request_added(self, e) -> None:
+        # A request id may be used again once its request has finished (vLLM allows it).
+        self.finished.discard(e.request_id)
+
     def _fail(self, msg, e_or_step, block=None, device=None, request_id=None):
         step = e_or_step.step if isinstance(e_or_step, Event) else e_or_step
         raise InvariantViolation(msg, step=step, block=block, device=device, request_id=request_id)
