@@ -121,7 +121,6 @@ summary
 
 # %%
 assert mean_batch["offline"] > mean_batch["online"], "offline batches are larger"
-assert summary.loc["offline", "ttft_ms"] > summary.loc["online", "ttft_ms"], "a lone request starts sooner"
 print(f"offline: {summary.loc['offline', 'tokens/s']} tokens/s with batches of {mean_batch['offline']:.1f}; "
       f"online: {summary.loc['online', 'tokens/s']} tokens/s with batches of {mean_batch['online']:.1f}")
 

@@ -93,7 +93,9 @@ check("no two requests ran at the same time", not intervals_overlap(_iv), "their
 check_same_greedy("same tokens as the batch (greedy)", single_outputs, batch_outputs, llm)
 check_close("single_rps = len(prompts) / single_s", single_rps, len(prompts) / single_s, rel=0.01)
 check_close("speedup = batch_rps / single_rps", speedup, batch_rps / single_rps, rel=0.01)
-check("batching is faster on this machine", speedup > 1.0, f"{speedup:.1f}x")
+check("the speedup is a measurement", speedup > 0, f"{speedup:.1f}x on this machine")
+if speedup <= 1.0:  # a fact about the machine at that moment, not about your code: it is not graded
+    print("  note: the batch was not faster this time; the machine was probably busy. Run both again.")
 
 # %% [markdown]
 # ## Reflect
