@@ -123,6 +123,14 @@ def test_merge_restores_canonical_checks():
             assert m.source == l.source
 
 
+def test_grader_finds_the_exercise_of_a_renamed_copy(tmp_path):
+    sol = SOLUTIONS[-1]
+    exid = "_".join(sol.stem.split("_")[:3])
+    nb = nbformat.read(ROOT / "exercises" / sol.name, 4)
+    assert grader.find_solution(Path(f"{exid}_alice.ipynb"), nb) == sol
+    assert grader.find_solution(Path("homework.ipynb"), nb) == sol  # by its title cell
+
+
 # ------------------------------------------------------------------ execution (slow: a kernel each)
 
 @pytest.mark.parametrize("path", EXERCISES, ids=_name)

@@ -137,6 +137,25 @@ def print_report(rep: dict, name: str, elapsed: float) -> None:
     print(f"{rep['passed']}/{rep['total']} checks passed in {elapsed:.0f} s")
 
 
+def find_solution(path: Path, learner) -> "Path | None":
+    """The solution notebook for a learner's file: the same name; else the exercise id in its
+    name (e.g. "ex1_5_3" in "ex1_5_3_mine.ipynb"); else the one whose title cell it shares."""
+    sols = sorted((ROOT / "solutions").glob("*.ipynb"))
+    same = ROOT / "solutions" / path.name
+    if same.exists():
+        return same
+    for sol in sols:
+        exid = "_".join(sol.stem.split("_")[:3])  # ex1_5_3
+        if exid in path.stem:
+            return sol
+    title = next((c.source.splitlines()[0] for c in learner.cells if c.cell_type == "markdown" and c.source), None)
+    for sol in sols:
+        nb = nbformat.read(sol, as_version=4)
+        if title and nb.cells and nb.cells[0].source.splitlines()[0] == title:
+            return sol
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Grade an exercise notebook with the canonical checks.")
     ap.add_argument("notebook", help="the learner's notebook (e.g. exercises/ex1_5_1_basic_inference.ipynb)")
@@ -157,11 +176,12 @@ def main(argv=None) -> int:
         else:
             print(f"grade: no such notebook: {args.notebook}", file=sys.stderr)
             return 2
-    sol = Path(args.solution) if args.solution else ROOT / "solutions" / path.name
-    if not sol.exists():
-        print(f"grade: no solution notebook {sol} for {path.name}; pass --solution", file=sys.stderr)
-        return 2
     learner = nbformat.read(path, as_version=4)
+    sol = Path(args.solution) if args.solution else find_solution(path, learner)
+    if sol is None or not sol.exists():
+        print(f"grade: which exercise is {path.name}? No solution notebook matches it; "
+              "pass --solution solutions/<exercise>.ipynb", file=sys.stderr)
+        return 2
     solution = nbformat.read(sol, as_version=4)
     nb = merge(learner, solution)
     t0 = time.perf_counter()
