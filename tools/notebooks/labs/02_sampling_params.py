@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 
 import labengine
 from labengine import LLM, SamplingParams, viz
-from labengine.grading import check_same_greedy
+from labengine.grading import check_same_greedy, exact_greedy_expected
 from labengine.widgets import SamplingExplorer
 
 MODEL = labengine.DEFAULT_MODEL
@@ -62,7 +62,8 @@ assert len(explorer.kept_tokens) == 3
 # the engine's own first sampled step kept exactly the tokens the stages predict
 kept_ids = set(explorer.stages.loc[explorer.stages["kept"], "token_id"])
 print("the engine kept the same tokens:", explorer.engine_kept == kept_ids)
-assert explorer.engine_kept == kept_ids
+# in half precision (GPU) two tokens can tie for 3rd place, and either may be kept
+assert explorer.engine_kept == kept_ids or not exact_greedy_expected(llm)
 
 explorer.top_k.value = -1          # back to "off"
 explorer.top_p.value = 0.5
