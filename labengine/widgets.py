@@ -350,7 +350,11 @@ class BlockMapExplorer(W.VBox, _ErrorBox):
     def _draw(self, s, rid) -> None:
         # the map is drawn once; moving the step only moves its cursor
         if self._map_fig is None:
+            import matplotlib.pyplot as plt
             self._map_fig = viz.plot_block_map(self.df, step=s, show_cpu=False)
+            # kept for redrawing the cursor, but unregistered from pyplot so Jupyter does not
+            # also show it as a static image under the widget
+            plt.close(self._map_fig)
             self._cursor = self._map_fig.axes[0].lines[-1]
         self._cursor.set_xdata([s, s])
         self.map_image.value = _png(self._map_fig, close=False)
