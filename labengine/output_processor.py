@@ -54,6 +54,21 @@ class OutputProcessor:
                 continue
             self._process_group_samples(sg, out.samples)
 
+    def _adopt(self, seq_group: SequenceGroup, pairs) -> None:
+        """(seq, parent) pairs of this step: new children join the group (forked in the block
+        manager while running); finished parents give their blocks back, after the forks,
+        but stay in the group as candidate outputs."""
+        for seq, parent in pairs:
+            if seq is not parent:
+                if not seq.is_finished():
+                    seq.status = SequenceStatus.RUNNING
+                seq_group.add(seq)
+                if not seq.is_finished():
+                    self.scheduler.fork_seq(parent, seq)
+        for seq, parent in pairs:
+            if seq is parent and seq.is_finished():
+                self.scheduler.free_seq(seq)
+
     def process_prompt_logprobs(self, seq_group: SequenceGroup, prompt_logprobs: list) -> None:
         """Stores prompt logprobs on the group; the first chunk gets a leading None (the
         first prompt token has no logprob)."""
@@ -113,19 +128,7 @@ class OutputProcessor:
             self.stop_checker.maybe_stop_sequence(seq, new_char_count, params)
 
         if not params.use_beam_search:
-            # New children join the group (forked in the block manager while running).
-            for seq, parent in child_seqs:
-                if seq is not parent:
-                    if not seq.is_finished():
-                        seq.status = SequenceStatus.RUNNING
-                    seq_group.add(seq)
-                    if not seq.is_finished():
-                        self.scheduler.fork_seq(parent, seq)
-            # Finished sequences give their blocks back (after the forks above) but stay in
-            # the group as candidate outputs.
-            for seq, parent in child_seqs:
-                if seq is parent and seq.is_finished():
-                    self.scheduler.free_seq(seq)
+            self._adopt(seq_group, child_seqs)
             return
 
         self._process_beam_search(seq_group, child_seqs, existing_finished_seqs)
@@ -182,16 +185,7 @@ class OutputProcessor:
             selected.extend(running[:beam_width])
             unselected.extend(running[beam_width:])
 
-        for seq, parent in selected:
-            if seq is not parent:
-                if not seq.is_finished():
-                    seq.status = SequenceStatus.RUNNING
-                seq_group.add(seq)
-                if not seq.is_finished():
-                    self.scheduler.fork_seq(parent, seq)
-        for seq, parent in selected:
-            if seq is parent and seq.is_finished():
-                self.scheduler.free_seq(seq)
+        self._adopt(seq_group, selected)
         for seq, parent in unselected:
             if seq is parent:
                 # The parent continued in a beam that was not kept: drop it.
