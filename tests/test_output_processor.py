@@ -15,31 +15,10 @@ from labengine.sampler import Sampler, SamplingMetadata, SequenceGroupToSample
 from labengine.sampling_params import SamplingParams
 from labengine.sequence import Logprob, RequestMetrics, Sequence, SequenceGroup, SequenceStatus
 
+from fake_tokenizer import FakeTokenizer
+
 V = 12
 EOS = 0
-
-
-class FakeTokenizer:
-    PIECES = ["</s>", "a", "b", "c", "ab", "cd", "e", " ", "STOP", "<sp>", "xy", "!"]
-    is_fast = False
-    eos_token_id = EOS
-    all_special_tokens = ["</s>", "<sp>"]
-
-    def __len__(self):
-        return len(self.PIECES)
-
-    def get_added_vocab(self):
-        return {"</s>": 0, "<sp>": 9}
-
-    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
-        toks = [self.PIECES[i] for i in ids]
-        if skip_special_tokens:
-            toks = [t for t in toks if t not in self.all_special_tokens]
-        return toks
-
-    def convert_tokens_to_string(self, tokens):
-        return "".join(tokens)
-
 
 TOK = FakeTokenizer()
 
