@@ -3,4 +3,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 install_labengine lab
 "$PY" -m ipykernel install --user --name labengine --display-name "labengine" >/dev/null 2>&1 || true
-exec "$PY" -m jupyter lab --notebook-dir="$ROOT" "labs/01_llm_class.ipynb" "$@"
+extra=()
+[ "$(id -u)" = "0" ] && extra+=(--allow-root)  # Jupyter refuses root unless told
+exec "$PY" -m jupyter lab --notebook-dir="$ROOT" "${extra[@]}" "labs/01_llm_class.ipynb" "$@"
