@@ -293,13 +293,7 @@ def test_sampling_stages_agree_with_the_engine_sampler():
 
 @pytest.fixture(scope="module")
 def real_df(tmp_path_factory):
-    import labengine
-    if not hasattr(labengine, "LLM"):
-        pytest.skip("labengine.LLM is not there yet")
-    try:
-        from labengine.testing import make_random_model
-    except ImportError:
-        pytest.skip("no labengine.testing.make_random_model")
+    from labengine.testing import make_random_model
     path = make_random_model("llama", tmp_path_factory.mktemp("model"))
     from labengine import LLM, SamplingParams
     llm = LLM(model=str(path), num_gpu_blocks_override=14, block_size=4, max_model_len=48,

@@ -163,13 +163,7 @@ def test_live_panel_throttles():
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    import labengine
-    if not hasattr(labengine, "LLM"):
-        pytest.skip("labengine.LLM is not there yet")
-    try:
-        from labengine.testing import make_random_model
-    except ImportError:
-        pytest.skip("no labengine.testing.make_random_model")
+    from labengine.testing import make_random_model
     path = make_random_model("llama", tmp_path_factory.mktemp("model"))
     from labengine import LLM
     return LLM(model=str(path), max_model_len=64, num_gpu_blocks_override=24, block_size=4, seed=0,

@@ -6,10 +6,7 @@ package is not installed, `labengine.kernels` is registered from the repo's kern
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,26 +15,6 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _register_kernels() -> None:
-    try:
-        import labengine.kernels  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    folder = ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "labengine.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["labengine.kernels"] = module
-    spec.loader.exec_module(module)
-    import labengine
-
-    labengine.kernels = module
-
-
-_register_kernels()
+# From a source checkout where the package is not installed, the Triton backend registers the
+# repo's kernels/ folder as labengine.kernels (one loader, in labengine/attention/triton_backend.py).
+import labengine.attention.triton_backend  # noqa: E402,F401
