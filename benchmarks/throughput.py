@@ -1,154 +1,336 @@
 """Offline throughput on a GPU: labengine vs transformers, the small-engine benchmark.
 
     python benchmarks/throughput.py [--num-seqs 256] [--baselines generate,generate_batch]
+                                    [--analyze] [--smoke]
 
 The workload small engines compare on (nano-vllm's bench): 256 requests, prompt and output
 lengths uniform in 100..1024 with seed 0, token ids uniform in 0..10000, temperature 0.6,
 ignore_eos; Qwen3-0.6B's architecture and shapes with random bf16 weights (config below).
 Prints output tokens/s for labengine, transformers `generate` (static padded batches) and
-transformers continuous batching (`generate_batch`), their ratios, and the roofline: the
+transformers continuous batching (the manager behind `generate_batch`, each request with
+its own max_new_tokens), their ratios, and the roofline: the
 least time implied by the KV-cache and weight bytes every decode step must read, at the
 device-to-device copy bandwidth measured in the same run.
+
+--analyze runs the workload a second time step by step and prints where the time goes:
+the trace's per-step parts (schedule, prepare, forward, sample, detokenize) for prefill and
+decode steps, and the GPU idle time between decode steps, from CUDA events recorded where
+each step's GPU work begins (first launch) and ends (the sampled tokens are back).
+--smoke: a tiny config and a short workload, on whatever device there is (checks the script).
 """
 import argparse
+import os
 import random
+import statistics
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 QWEN3_0_6B = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
     intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
     hidden_act="silu", attention_bias=False, bos_token_id=151643, eos_token_id=151645)
+SMOKE = dict(QWEN3_0_6B, vocab_size=12000, bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def workload(num_seqs, seed=0):
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory():
+    import gc
+
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def workload(num_seqs, lo=100, hi=1024, seed=0):
     rng = random.Random(seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_seqs)]
-    outputs = [rng.randint(100, 1024) for _ in range(num_seqs)]
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
+    outputs = [rng.randint(lo, hi) for _ in range(num_seqs)]
     return prompts, outputs
 
 
 def copy_bandwidth():
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    n = 2 * 1024**3 if DEV == "cuda" else 64 * 1024**2
+    x = torch.empty(n, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    sync()
+    t0 = time.perf_counter()
     for _ in range(10):
         y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / 10
+    sync()
+    sec = (time.perf_counter() - t0) / 10
     del x, y
-    return 2 * 2 * 1024**3 / sec  # bytes read + written per second
+    return 2 * n / sec  # bytes read + written per second
 
 
 def roofline_seconds(prompts, outputs, cfg, weight_bytes, bandwidth):
-    """Every decode step reads all weights once and each running sequence's KV cache."""
+    """Every decode step reads all weights once and each running sequence's whole KV cache;
+    every request runs from the first decode step (the cache holds them all), so there are
+    max(outputs) - 1 decode steps (the first token comes from the prefill)."""
     kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
-    kv_bytes = sum(sum(p + i for i in range(o)) for p, o in zip(map(len, prompts), outputs)) * kv_per_token
-    steps = max(outputs)
+    kv_bytes = sum(sum(p + i for i in range(1, o)) for p, o in zip(map(len, prompts), outputs)) * kv_per_token
+    steps = max(outputs) - 1
     return (kv_bytes + steps * weight_bytes) / bandwidth
 
 
-def make_model(path):
+def make_model(path, cfg):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    cfg = Qwen3Config(**{k: v for k, v in QWEN3_0_6B.items() if k != "model_type"})
+    config = Qwen3Config(**{k: v for k, v in cfg.items() if k != "model_type"})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def run_labengine(path, prompts, outputs):
-    from labengine import LLM, SamplingParams
+def make_llm(path, max_model_len):
+    from labengine import LLM
 
-    llm = LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=256,
-              max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
+    return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len,
+               max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.85, device=DEV)
+
+
+def params_for(outputs):
+    from labengine import SamplingParams
+
+    return [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=o, detokenize=False) for o in outputs]
+
+
+def run_labengine(llm, prompts, outputs):
+    from labengine import SamplingParams
+
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=o, detokenize=False) for o in outputs]
-    torch.cuda.synchronize()
+    params = params_for(outputs)
+    sync()
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     dt = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == outputs
-    del llm
-    torch.cuda.empty_cache()
     return dt
 
 
-def run_hf_generate(path, prompts, outputs, batch_size=64):
+def analyze_labengine(llm, prompts, outputs):
+    """Run the workload again step by step, with the trace and CUDA events per step."""
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    marks = []  # (is_decode, start event, end event) per step
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True) if DEV == "cuda" else None
+        if e is not None:
+            e.record()
+        return e
+
+    orig_exec, orig_sample = runner.execute_model, engine._sample
+
+    def execute_model(out, tables, timings):
+        marks.append([not out.is_prefill, event(), None])
+        return orig_exec(out, tables, timings)
+
+    def sample(logits, smeta):
+        result = orig_sample(logits, smeta)
+        marks[-1][2] = event()  # the sampled tokens are on the host: this step's GPU work is done
+        return result
+
+    runner.execute_model, engine._sample = execute_model, sample
+    try:
+        for i, (p, sp) in enumerate(zip(prompts, params_for(outputs))):
+            engine.add_request(f"a{i}", {"prompt_token_ids": p}, sp)
+        sync()
+        t0 = time.perf_counter()
+        with llm.trace() as trace:
+            while engine.has_unfinished_requests():
+                engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    finally:
+        runner.execute_model, engine._sample = orig_exec, orig_sample
+    st = trace.steps()
+    parts = ["schedule_s", "prepare_s", "forward_s", "sample_s", "detokenize_s", "other_s"]
+    print(f"\nlabengine step by step (trace on): {wall:.2f} s, {len(st)} steps "
+          f"({int(st.is_prefill.sum())} prefill, {int((~st.is_prefill).sum())} decode)")
+    print("steps | count | total s | " + " | ".join(p[:-2] + " ms/step" for p in parts))
+    for name, sel in (("prefill", st[st.is_prefill]), ("decode", st[~st.is_prefill])):
+        if len(sel):
+            print(f"{name} | {len(sel)} | {sel.latency_s.sum():.2f} | "
+                  + " | ".join(f"{1e3 * sel[p].mean():.3f}" for p in parts))
+    dec = st[~st.is_prefill]
+    for lo, hi in ((129, 256), (33, 128), (1, 32)):
+        sel = dec[(dec.batch_size >= lo) & (dec.batch_size <= hi)]
+        if len(sel):
+            print(f"decode, batch {lo}-{hi} | {len(sel)} | {sel.latency_s.sum():.2f} | "
+                  + " | ".join(f"{1e3 * sel[p].mean():.3f}" for p in parts))
+    if DEV == "cuda":
+        # GPU busy = [first launch, tokens back] of each step; idle = gaps between consecutive
+        # decode steps (host work the GPU waited for: output processing, scheduling, inputs).
+        busy = [s.elapsed_time(e) for _, s, e in marks]
+        gaps = [marks[i][1].elapsed_time(marks[i + 1][1]) - busy[i] for i in range(len(marks) - 1)
+                if marks[i][0] and marks[i + 1][0]]
+        dec_busy = sum(b for (d, _, _), b in zip(marks, busy) if d)
+        print(f"GPU idle between decode steps: {sum(gaps) / 1e3:.2f} s of {(sum(gaps) + dec_busy) / 1e3:.2f} s "
+              f"= {100 * sum(gaps) / (sum(gaps) + dec_busy):.1f}% (median gap {statistics.median(gaps):.3f} ms, "
+              f"median decode step busy {statistics.median(b for (d, _, _), b in zip(marks, busy) if d):.3f} ms)")
+    return st
+
+
+def run_hf_generate(path, prompts, outputs, batch_size):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").to(DEV)
     model.generation_config.eos_token_id = None
-    torch.cuda.synchronize()
+    model.generate(torch.tensor([prompts[0][:16]], device=DEV), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    sync()
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch, outs = prompts[i:i + batch_size], outputs[i:i + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
-        model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.6, max_new_tokens=max(outs),
-                       pad_token_id=0)
-    torch.cuda.synchronize()
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=DEV)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=DEV)
+        model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
+                       max_new_tokens=max(outs), pad_token_id=0)
+    sync()
     dt = time.perf_counter() - t0
     del model
-    torch.cuda.empty_cache()
+    free_memory()
     return dt
 
 
-def run_hf_generate_batch(path, prompts, outputs):
+def run_hf_continuous(path, prompts, outputs, max_seconds):
+    """transformers' continuous batching (the manager behind generate_batch), each request with
+    its own max_new_tokens, so it generates exactly the workload's tokens. Results stream, so
+    the tokens generated so far are known at any time: after max_seconds the run stops and
+    its rate over that window is reported (all requests are admitted from the start, so the
+    window holds the batch at its widest: a generous estimate of the whole run's rate)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
-                                                 attn_implementation="paged|sdpa")
-    gen = GenerationConfig(max_new_tokens=max(outputs), do_sample=True, temperature=0.6, eos_token_id=None)
-    torch.cuda.synchronize()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").to(DEV)
+    gen = GenerationConfig(max_new_tokens=max(outputs), do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
+                           eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=[p[:16] for p in prompts[:4]], generation_config=GenerationConfig(
+        **{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    sync()
     t0 = time.perf_counter()
-    model.generate_batch(inputs=prompts, generation_config=gen)
-    torch.cuda.synchronize()
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        manager.add_request(p, request_id=f"r{i}", max_new_tokens=o, streaming=True)
+    counts, done = {}, 0
+    while done < len(prompts) and time.perf_counter() - t0 < max_seconds:
+        r = manager.get_result(timeout=1)
+        if r is None:
+            if not manager.is_running():
+                raise RuntimeError(f"continuous batching stopped after {done} of {len(prompts)} requests")
+            continue
+        counts[r.request_id] = len(r.generated_tokens)
+        done += r.is_finished()
     dt = time.perf_counter() - t0
-    del model
-    torch.cuda.empty_cache()
-    return dt
+    n = sum(counts.values())
+    manager.stop(block=False, hard_stop=True) if done < len(prompts) else manager.stop(block=True)
+    print(f"hf continuous batching: {done} of {len(prompts)} requests finished, {n} tokens in {dt:.1f} s",
+          flush=True)
+    del model, manager
+    free_memory()
+    return dt, n
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--baselines", default="generate,generate_batch")
+    ap.add_argument("--hf-batch-size", type=int, default=256,
+                    help="static batch of transformers generate (256: the whole workload in one batch)")
+    ap.add_argument("--hf-max-seconds", type=float, default=1e9,
+                    help="stop transformers' continuous batching after this long and report its rate so far")
+    ap.add_argument("--skip-labengine", action="store_true")
+    ap.add_argument("--analyze", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", default=None, help="with --analyze: write cProfile's top functions here")
     args = ap.parse_args()
-    prompts, outputs = workload(args.num_seqs)
+    cfg = SMOKE if args.smoke else QWEN3_0_6B
+    prompts, outputs = workload(16, 8, 40) if args.smoke else workload(args.num_seqs)
     total_out = sum(outputs)
     path = tempfile.mkdtemp() + "/qwen3-0.6b-random"
-    weight_bytes = make_model(path)
+    weight_bytes = make_model(path, cfg)
     bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; {args.num_seqs} requests, "
-          f"{sum(map(len, prompts))} prompt / {total_out} output tokens", flush=True)
-    results = {"labengine": run_labengine(path, prompts, outputs)}
-    print(f"labengine: {total_out / results['labengine']:.0f} tok/s", flush=True)
-    # The baselines generate max(outputs) tokens for every request of a batch (they cannot stop
-    # each request at its own length); only the requested tokens are counted, as users would.
-    if "generate" in args.baselines:
-        results["hf generate"] = run_hf_generate(path, prompts, outputs)
-        print(f"hf generate: {total_out / results['hf generate']:.0f} tok/s", flush=True)
-    if "generate_batch" in args.baselines:
-        results["hf generate_batch"] = run_hf_generate_batch(path, prompts, outputs)
-        print(f"hf generate_batch: {total_out / results['hf generate_batch']:.0f} tok/s", flush=True)
-    roof = roofline_seconds(prompts, outputs, QWEN3_0_6B, weight_bytes, bw)
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s; {len(prompts)} requests, "
+          f"{sum(map(len, prompts))} prompt / {total_out} output tokens; weights {weight_bytes / 1e9:.2f} GB",
+          flush=True)
+    results, counted = {}, {}
+    run_baselines(args, path, prompts, outputs, results, counted)  # first: they free their memory
+    if not args.skip_labengine:
+        run_engine_part(args, path, prompts, outputs, results, counted)
+    results = {k: results[k] for k in sorted(results, key=lambda k: k != "labengine")}
+    roof = roofline_seconds(prompts, outputs, cfg, weight_bytes, bw)
+    ref = results.get("labengine")
     print("\nengine | seconds | output tok/s | labengine speed-up")
     for name, sec in results.items():
-        print(f"{name} | {sec:.2f} | {total_out / sec:.0f} | {sec / results['labengine']:.2f}x")
-    print(f"roofline: {roof:.2f} s ({total_out / roof:.0f} tok/s); labengine at "
-          f"{100 * roof / results['labengine']:.1f}% of it")
+        print(f"{name} | {sec:.2f} | {counted[name] / sec:.0f} | "
+              + (f"{(counted['labengine'] / ref) / (counted[name] / sec):.2f}x" if ref and counted[name] else "-"))
+    print(f"roofline (decode KV + weight reads at copy bandwidth): {roof:.2f} s ({total_out / roof:.0f} tok/s)"
+          + (f"; labengine at {100 * roof / ref:.1f}% of it" if ref else ""))
+
+
+def run_engine_part(args, path, prompts, outputs, results, counted):
+    total_out = sum(outputs)
+    llm = make_llm(path, 2048 if not args.smoke else 128)
+    results["labengine"] = run_labengine(llm, prompts, outputs)
+    counted["labengine"] = total_out
+    print(f"labengine: {results['labengine']:.2f} s, {total_out / results['labengine']:.0f} tok/s", flush=True)
+    if args.analyze:
+        analyze_labengine(llm, prompts, outputs)
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        run_labengine(llm, prompts, outputs)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+        with open(args.profile, "w") as f:
+            f.write(buf.getvalue())
+    del llm
+
+
+def run_baselines(args, path, prompts, outputs, results, counted):
+    total_out = sum(outputs)
+    # The static-batch baseline generates max(outputs) tokens for every request of a batch (it
+    # cannot stop each request at its own length); only the requested tokens are counted, as a
+    # user would count them. Continuous batching stops each request at its own length.
+    if "generate" in args.baselines.split(","):
+        try:
+            results["hf generate"] = run_hf_generate(path, prompts, outputs, args.hf_batch_size)
+            counted["hf generate"] = total_out
+            print(f"hf generate: {results['hf generate']:.2f} s", flush=True)
+        except Exception as e:  # report and go on: one failing baseline must not hide the others
+            print(f"hf generate failed: {e!r}", flush=True)
+    if "generate_batch" in args.baselines.split(","):
+        try:
+            results["hf generate_batch"], n = run_hf_continuous(path, prompts, outputs, args.hf_max_seconds)
+            counted["hf generate_batch"] = n
+            print(f"hf generate_batch: {results['hf generate_batch']:.2f} s, {n} tokens", flush=True)
+        except Exception as e:
+            print(f"hf generate_batch failed: {e!r}", flush=True)
 
 
 if __name__ == "__main__":
