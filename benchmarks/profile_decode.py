@@ -47,7 +47,7 @@ def main():
     path = tempfile.mkdtemp() + "/qwen3-0.6b-random"
     tp.make_model(path, tp.QWEN3_0_6B)
     bw = tp.copy_bandwidth()
-    llm = tp.make_llm(path, 2048)
+    llm = tp.make_llm(path, 2048, async_scheduling=False)
     engine = llm.llm_engine
     runner = engine.model_runner
     for i, (p, sp) in enumerate(zip(prompts, tp.params_for(outputs))):
@@ -97,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with torch.inference_mode():
+        main()

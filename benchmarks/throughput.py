@@ -97,11 +97,12 @@ def make_model(path, cfg):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def make_llm(path, max_model_len):
+def make_llm(path, max_model_len, async_scheduling=None):
     from labengine import LLM
 
     return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len,
-               max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.85, device=DEV)
+               max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.85, device=DEV,
+               async_scheduling=async_scheduling)
 
 
 def params_for(outputs):
@@ -128,7 +129,8 @@ def analyze_labengine(llm, prompts, outputs):
     """Run the workload again step by step, with the trace and CUDA events per step."""
     engine = llm.llm_engine
     runner = engine.model_runner
-    marks = []  # (is_decode, start event, end event) per step
+    marks = []  # [is_decode, start event, end event] per step, in launch order
+    sampler = engine.sampler
 
     def event():
         e = torch.cuda.Event(enable_timing=True) if DEV == "cuda" else None
@@ -136,18 +138,21 @@ def analyze_labengine(llm, prompts, outputs):
             e.record()
         return e
 
-    orig_exec, orig_sample = runner.execute_model, engine._sample
+    orig_exec, orig_launch = runner.execute_model, sampler.launch
 
-    def execute_model(out, tables, timings):
+    # Events go into the stream where a step's GPU work begins (before its input copies) and
+    # where it ends (after its last sampling kernel): their GPU timestamps bound its work,
+    # and a later start minus an earlier end is time the GPU had nothing of ours to run.
+    def execute_model(out, tables, timings, pending=None):
         marks.append([not out.is_prefill, event(), None])
-        return orig_exec(out, tables, timings)
+        return orig_exec(out, tables, timings, pending)
 
-    def sample(logits, smeta):
-        result = orig_sample(logits, smeta)
-        marks[-1][2] = event()  # the sampled tokens are on the host: this step's GPU work is done
+    def launch(logits, smeta):
+        result = orig_launch(logits, smeta)
+        marks[-1][2] = event()
         return result
 
-    runner.execute_model, engine._sample = execute_model, sample
+    runner.execute_model, sampler.launch = execute_model, launch
     try:
         for i, (p, sp) in enumerate(zip(prompts, params_for(outputs))):
             engine.add_request(f"a{i}", {"prompt_token_ids": p}, sp)
@@ -159,7 +164,8 @@ def analyze_labengine(llm, prompts, outputs):
         sync()
         wall = time.perf_counter() - t0
     finally:
-        runner.execute_model, engine._sample = orig_exec, orig_sample
+        runner.execute_model = orig_exec
+        del sampler.launch  # back to the class's method
     st = trace.steps()
     parts = ["schedule_s", "prepare_s", "forward_s", "sample_s", "detokenize_s", "other_s"]
     print(f"\nlabengine step by step (trace on): {wall:.2f} s, {len(st)} steps "
@@ -176,10 +182,8 @@ def analyze_labengine(llm, prompts, outputs):
             print(f"decode, batch {lo}-{hi} | {len(sel)} | {sel.latency_s.sum():.2f} | "
                   + " | ".join(f"{1e3 * sel[p].mean():.3f}" for p in parts))
     if DEV == "cuda":
-        # GPU busy = [first launch, tokens back] of each step; idle = gaps between consecutive
-        # decode steps (host work the GPU waited for: output processing, scheduling, inputs).
         busy = [s.elapsed_time(e) for _, s, e in marks]
-        gaps = [marks[i][1].elapsed_time(marks[i + 1][1]) - busy[i] for i in range(len(marks) - 1)
+        gaps = [max(0.0, marks[i][2].elapsed_time(marks[i + 1][1])) for i in range(len(marks) - 1)
                 if marks[i][0] and marks[i + 1][0]]
         dec_busy = sum(b for (d, _, _), b in zip(marks, busy) if d)
         print(f"GPU idle between decode steps: {sum(gaps) / 1e3:.2f} s of {(sum(gaps) + dec_busy) / 1e3:.2f} s "
@@ -260,6 +264,8 @@ def main():
                     help="stop transformers' continuous batching after this long and report its rate so far")
     ap.add_argument("--skip-labengine", action="store_true")
     ap.add_argument("--analyze", action="store_true")
+    ap.add_argument("--compare-sync", action="store_true",
+                    help="also time labengine with async_scheduling=False (the effect of the overlap)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", default=None, help="with --analyze: write cProfile's top functions here")
     args = ap.parse_args()
@@ -310,6 +316,15 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         with open(args.profile, "w") as f:
             f.write(buf.getvalue())
     del llm
+    if args.compare_sync:
+        free_memory()
+        llm = make_llm(path, 2048 if not args.smoke else 128, async_scheduling=False)
+        results["labengine, sync scheduling"] = run_labengine(llm, prompts, outputs)
+        counted["labengine, sync scheduling"] = total_out
+        print(f"labengine with async_scheduling=False: {results['labengine, sync scheduling']:.2f} s", flush=True)
+        if args.analyze:
+            analyze_labengine(llm, prompts, outputs)
+        del llm
 
 
 def run_baselines(args, path, prompts, outputs, results, counted):

@@ -71,6 +71,8 @@ class EngineArgs:
     attention_backend: Optional[str] = None  # "torch", "triton" or None (auto)
     check_invariants: bool = False
     cpu_kv_cache_space: float = 1.0  # GiB of KV cache when the model runs on the CPU
+    # Schedule and launch decode step k+1 while step k runs on the GPU (None: on with CUDA).
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
@@ -86,6 +88,8 @@ class EngineArgs:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "seed", "max_seq_len_to_capture",
                      "block_size", "max_num_seqs", "max_logprobs"):
             _check_type(name, getattr(self, name), int, "an int")
+        if self.async_scheduling is not None:
+            _check_type("async_scheduling", self.async_scheduling, bool, "True, False or None (auto)")
         for name in ("max_context_len_to_capture", "max_model_len", "max_num_batched_tokens",
                      "num_gpu_blocks_override", "max_paddings"):
             if getattr(self, name) is not None:

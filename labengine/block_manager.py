@@ -109,6 +109,25 @@ class BlockManager:
         table = self.block_tables[seq.seq_id]
         return cdiv(seq.get_len(), self.block_size) > len(table) or self.gpu_allocator.ref_counts[table[-1]] > 1
 
+    def can_append_slots_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether every sequence can get a slot for one token beyond its length (async
+        scheduling: that token is still being sampled) without copy-on-write."""
+        needed = 0
+        bs, ref = self.block_size, self.gpu_allocator.ref_counts
+        for seq in seqs:
+            table = self.block_tables[seq.seq_id]
+            if -(-(seq.get_len() + 1) // bs) > len(table):
+                needed += 1
+            elif ref[table[-1]] > 1:
+                return False
+        return needed <= self.gpu_allocator.get_num_free_blocks()
+
+    def append_slot_ahead(self, seq: Sequence) -> None:
+        """Room for the token after the sequence's last one (checked by can_append_slots_ahead)."""
+        table = self.block_tables[seq.seq_id]
+        if -(-(seq.get_len() + 1) // self.block_size) > len(table):
+            table.append(self._take(self.gpu_allocator, seq.seq_id, len(table)))
+
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:
         needed = sum(self._needs_new_block(s) for s in seq_group.get_seqs(SequenceStatus.RUNNING))
         return needed <= self.gpu_allocator.get_num_free_blocks()

@@ -114,6 +114,7 @@ class EngineConfig:
     max_logprobs: int
     check_invariants: bool
     disable_log_stats: bool
+    async_scheduling: bool = False
 
     @classmethod
     def from_engine_args(cls, args) -> "EngineConfig":
@@ -163,7 +164,24 @@ class EngineConfig:
         return cls(model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
                    device=device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                    max_seq_len_to_capture=args.max_seq_len_to_capture, max_logprobs=args.max_logprobs,
-                   check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats)
+                   check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats,
+                   async_scheduling=_async_scheduling(args.async_scheduling, device))
+
+
+def _async_scheduling(value, device) -> bool:
+    """async_scheduling=None: LABENGINE_ASYNC_SCHEDULING=0/1 if set, else on with CUDA (where
+    the GPU would otherwise wait for the host between steps), off on the CPU (where nothing
+    runs while the host works, and the lab's step-by-step views stay one step per call)."""
+    if value is not None:
+        return value
+    import os
+
+    env = os.environ.get("LABENGINE_ASYNC_SCHEDULING")
+    if env is not None and env.strip() != "":
+        if env.strip() not in ("0", "1"):
+            raise ValueError(f"LABENGINE_ASYNC_SCHEDULING={env!r} is not allowed: use 0, 1 or leave it unset")
+        return env.strip() == "1"
+    return device.type == "cuda"
 
 
 def _verify_heads(hf_config, tp: int) -> None:

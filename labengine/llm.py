@@ -101,7 +101,7 @@ class LLM:
         in_toks = out_toks = 0
         try:
             while pending and engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step(final_only=True):
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finished[out.request_id] = out

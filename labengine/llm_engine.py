@@ -65,6 +65,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.scheduler, self.detokenizer, self.stop_checker,
                                                 self.seq_counter)
         self.request_errors: dict[str, BaseException] = {}
+        self.async_scheduling = config.async_scheduling
+        self._inflight: Optional[_Inflight] = None  # a decode step launched, not yet completed
         self.invariant_checker = None
         if config.check_invariants:
             from labengine.trace import InvariantChecker
@@ -147,28 +149,111 @@ class LLMEngine:
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         for group in self.scheduler.abort_seq_group(request_id):
             self._finish(group, time.time())
+        step = self._inflight
+        if step is not None and all(g.is_finished() for g in step.groups):
+            # Nothing of the step running ahead is wanted any more: wait for it and drop it,
+            # so an idle engine has nothing in flight.
+            self._inflight = None
+            self._complete(step)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_seqs()
+        return self._inflight is not None or self.scheduler.has_unfinished_seqs()
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.get_num_unfinished_seq_groups()
 
     # ------------------------------------------------------------------ one step
-    def step(self) -> list[RequestOutput]:
-        bus = self.event_bus
+    def step(self, *, final_only: bool = False) -> list[RequestOutput]:
+        """One engine step: the RequestOutputs of the requests of the step that completed.
+
+        Synchronous (the default off CUDA): schedule, run the model, sample, process; the
+        outputs are this step's. With async scheduling (config.async_scheduling, the default
+        on CUDA) a decode step is left running on the GPU and the next call schedules and
+        launches the following decode step *before* waiting for it, so the GPU never waits
+        for the host's output processing and scheduling: the outputs of a call are those
+        of the step launched by the previous call (one step behind; the first call of a
+        run of decode steps returns none). final_only=True returns only finished requests.
+        """
         t0 = time.perf_counter()
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            nxt = None
+            try:
+                if prev.tokens is not None and self._can_run_ahead(prev):
+                    out = self.scheduler.schedule_lookahead()
+                    if out is not None:
+                        nxt = self._launch(out, t0, pending=(prev.tokens, prev.rows))
+            finally:
+                outputs = self._complete(prev, final_only)
+            self._inflight = nxt
+            return outputs
         out = self.scheduler.schedule()
+        if not out.scheduled_seq_groups:
+            self.model_runner.apply_cache_ops(out)
+            return self._complete(_Inflight(out=out, groups=[], t0=t0, schedule_s=time.perf_counter() - t0),
+                                  final_only)
+        step = self._launch(out, t0)
+        if self.async_scheduling and not out.is_prefill and step.tokens is not None:
+            self._inflight = step  # completed by the next call, after it launches the next step
+            return []
+        return self._complete(step, final_only)
+
+    def _launch(self, out: SchedulerOutputs, t0: float, pending=None) -> "_Inflight":
+        """Run the model on `out` and launch the sampler; nothing here waits for the GPU."""
         t1 = time.perf_counter()
-        timings = StepTimings()
+        step = _Inflight(out=out, groups=[s.seq_group for s in out.scheduled_seq_groups], t0=t0, schedule_s=t1 - t0)
+        logits, smeta = self.model_runner.execute_model(out, self.scheduler.block_manager.block_tables,
+                                                        step.timings, pending)
+        t2 = time.perf_counter()
+        try:
+            finish, tokens = self.sampler.launch(logits, smeta)
+            step.finish = lambda: list(zip(smeta.groups, finish()))
+            if not out.is_prefill:
+                step.tokens = tokens
+                step.rows = {sid: r for g in smeta.groups for sid, r in zip(g.seq_ids, g.sample_rows)}
+        except Exception:  # find the requests at fault and fail only those (synchronously)
+            pairs = self._sample(logits, smeta)
+            step.finish = lambda: pairs
+        step.sample_launch_s = time.perf_counter() - t2
+        return step
+
+    def _can_run_ahead(self, prev: "_Inflight") -> bool:
+        """Whether the next decode step may be launched before `prev`'s tokens are known:
+        only when no request of it needs those tokens on the host to be sampled (penalties,
+        logits processors, min_tokens still masking EOS, beam search)."""
+        if prev.out.is_prefill:
+            return False
+        for group in self.scheduler.running:  # each running sequence's input is in prev.tokens
+            for sid, seq in group.seqs_dict.items():
+                if sid not in prev.rows and not seq.status.finished:
+                    return False
+        for group in prev.groups:
+            p = group.sampling_params
+            if p.use_beam_search or p.logits_processors or (
+                    p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0):
+                return False
+            if p.min_tokens and min(s.get_output_len() for s in group.seqs_dict.values()) + 1 < p.min_tokens:
+                return False
+            # A seeded request draws one number per running sequence from its own generator:
+            # a sequence that ends in this step must not draw in the next one, or the
+            # others' samples would differ from a synchronous run.
+            if p.seed is not None and len(group.seqs_dict) > 1:
+                return False
+        return True
+
+    def _complete(self, step: "_Inflight", final_only: bool = False) -> list[RequestOutput]:
+        """Wait for a launched step, apply its samples, finish requests, publish the step."""
+        bus = self.event_bus
+        out, timings = step.out, step.timings
+        # Groups that finished in an earlier step and were launched again ahead of knowing it
+        # (async scheduling) are neither reported again nor timed again.
+        groups = [g for g in step.groups if g.metrics.finished_time is None]
         sample_s = detok_s = 0.0
-        groups: list[SequenceGroup] = [s.seq_group for s in out.scheduled_seq_groups]
-        if out.scheduled_seq_groups:
-            logits, smeta = self.model_runner.execute_model(out, self.scheduler.block_manager.block_tables, timings)
-            t2 = time.perf_counter()
-            to_process = self._sample(logits, smeta)
+        if step.finish is not None:
             t3 = time.perf_counter()
-            sample_s = t3 - t2
+            to_process = step.finish()
+            t4 = time.perf_counter()
+            sample_s = step.sample_launch_s + t4 - t3
             for group in groups:
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
                     seq.num_computed_tokens = seq.get_len()
@@ -177,11 +262,9 @@ class LLMEngine:
                     self.output_processor.process_outputs([group_to_sample], [group_output])
                 except Exception as e:  # a failure in one request must not take down the others
                     self._fail_request(group_to_sample.seq_group, e)
-            detok_s = time.perf_counter() - t3
-        else:
-            self.model_runner.apply_cache_ops(out)
+            detok_s = time.perf_counter() - t4
         now = time.time()
-        step_s = time.perf_counter() - t0
+        step_s = time.perf_counter() - step.t0
         for group in groups:
             m = group.metrics
             if m.first_scheduled_time is None:
@@ -190,17 +273,18 @@ class LLMEngine:
             if m.first_token_time is None and any(s.get_output_len() for s in group.get_seqs()):
                 m.first_token_time = now
             m.last_token_time = now
-            m.scheduler_time += t1 - t0
+            m.scheduler_time += step.schedule_s
             m.model_forward_time += timings.forward_s
             m.model_execute_time += timings.prepare_s + timings.forward_s + sample_s
         finished = self.scheduler.free_finished_seq_groups()
         for group in finished + out.ignored_seq_groups:
             self._finish(group, now)
-        outputs = [RequestOutput.from_seq_group(g) for g in groups + out.ignored_seq_groups]
+        shown = finished + out.ignored_seq_groups if final_only else groups + out.ignored_seq_groups
+        outputs = [RequestOutput.from_seq_group(g) for g in shown]
         if bus.active:
             bm = self.scheduler.block_manager
             num_prefill = out.num_batched_tokens if out.is_prefill else 0
-            bus.emit(StepFinished, latency_s=step_s, schedule_s=t1 - t0, prepare_s=timings.prepare_s,
+            bus.emit(StepFinished, latency_s=step_s, schedule_s=step.schedule_s, prepare_s=timings.prepare_s,
                      forward_s=timings.forward_s, sample_s=sample_s, detokenize_s=detok_s,
                      batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1
                                     for s in out.scheduled_seq_groups),
@@ -263,6 +347,20 @@ class LLMEngine:
         from labengine.trace import Trace
 
         return Trace(self)
+
+
+class _Inflight:
+    """A launched step: what was scheduled, and how to get its samples."""
+
+    __slots__ = ("out", "groups", "t0", "schedule_s", "timings", "finish", "tokens", "rows", "sample_launch_s")
+
+    def __init__(self, out: SchedulerOutputs, groups: list, t0: float, schedule_s: float) -> None:
+        self.out, self.groups, self.t0, self.schedule_s = out, groups, t0, schedule_s
+        self.timings = StepTimings()
+        self.finish = None  # () -> [(SequenceGroupToSample, SequenceGroupOutput)], waits for the GPU
+        self.tokens = None  # decode steps: sampled tokens on the device, one per sample row
+        self.rows: dict[int, int] = {}  # seq_id -> its row in `tokens`
+        self.sample_launch_s = 0.0
 
 
 def _current_exception() -> BaseException:

@@ -20,7 +20,7 @@ from labengine.config import EngineConfig
 from labengine.sampler import SamplingMetadata, SequenceGroupToSample
 from labengine.scheduler import SchedulerOutputs
 from labengine.sequence import SequenceStatus
-from labengine.utils import cdiv, logger
+from labengine.utils import cdiv, logger, to_device
 
 _GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
 
@@ -156,9 +156,9 @@ class ModelRunner:
         return AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=slot_mapping,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens)], dtype=torch.int32, device=dev),
+            query_start_loc=to_device(qsl, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            context_lens=to_device([s - q for s, q in zip(seq_lens, query_lens)], torch.int32, dev),
             block_tables=block_tables,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
@@ -166,8 +166,16 @@ class ModelRunner:
             query_lens_list=list(query_lens),
         )
 
-    def prepare_inputs(self, out: SchedulerOutputs, block_tables: dict[int, list[int]]):
-        """Flatten the scheduled sequences into one batch. Returns tensors, metadata and logits rows."""
+    def prepare_inputs(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], pending=None):
+        """Flatten the scheduled sequences into one batch. Returns tensors, metadata and logits rows.
+
+        pending = (tokens, rows): a decode step scheduled while the previous one still runs
+        (async scheduling). Every sequence then has one token more than it holds on the host:
+        the one the previous step is sampling, tokens[rows[seq_id]] on the device, which is
+        this step's input.
+        """
+        if not out.is_prefill:
+            return self._prepare_decode(out, block_tables, pending)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -206,20 +214,74 @@ class ModelRunner:
                                                 is_prompt=is_prompt, prompt_logprob_rows=prompt_rows,
                                                 sample_rows=sample_rows))
         dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
-        meta = self._metadata(out.is_prefill, torch.tensor(slots, dtype=torch.int64, device=dev),
-                              seq_lens, query_lens, table_tensor)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        meta = self._metadata(out.is_prefill, to_device(slots, torch.int64, dev),
+                              seq_lens, query_lens, self._table_tensor(tables))
+        ids = to_device(input_ids, torch.int64, dev)
+        pos = to_device(positions, torch.int64, dev)
         return ids, pos, meta, logits_rows, SamplingMetadata(groups=groups)
+
+    def _table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+        max_blocks = max(len(t) for t in tables)
+        flat: list[int] = []
+        for t in tables:
+            flat += t
+            flat += [0] * (max_blocks - len(t))
+        return to_device(flat, torch.int32, self.device).view(len(tables), max_blocks)
+
+    def _prepare_decode(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], pending):
+        """One new token per running sequence (the hot loop of a long generation)."""
+        bs = self.block_size
+        ahead = 0 if pending is None else 1
+        pending_rows = None if pending is None else pending[1]
+        input_ids: list[int] = []
+        src_rows: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        groups: list[SequenceGroupToSample] = []
+        running = SequenceStatus.RUNNING
+        skipped = out.skipped_seq_ids
+        for scheduled in out.scheduled_seq_groups:
+            group = scheduled.seq_group
+            seq_ids, rows = [], []
+            for seq in group.seqs_dict.values():
+                if seq.status is not running or seq.seq_id in skipped:
+                    continue
+                table = block_tables[seq.seq_id]
+                p = seq.get_len() - 1 + ahead  # this step's position
+                rows.append(len(positions))
+                if pending_rows is None:
+                    input_ids.append(seq.get_last_token_id())
+                else:
+                    src_rows.append(pending_rows[seq.seq_id])
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                seq_lens.append(p + 1)
+                tables.append(table)
+                seq_ids.append(seq.seq_id)
+            groups.append(SequenceGroupToSample(seq_group=group, seq_ids=seq_ids, is_prompt=False,
+                                                prompt_logprob_rows=[], sample_rows=rows))
+        dev = self.device
+        n = len(positions)
+        meta = self._metadata(False, to_device(slots, torch.int64, dev), seq_lens, [1] * n,
+                              self._table_tensor(tables))
+        if pending_rows is None:
+            ids = to_device(input_ids, torch.int64, dev)
+        else:
+            ids = pending[0].index_select(0, to_device(src_rows, torch.int64, dev))
+        pos = to_device(positions, torch.int64, dev)
+        return ids, pos, meta, list(range(n)), SamplingMetadata(groups=groups)
 
     # ---------------------------------------------------------------- running
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], timings: StepTimings):
+    def execute_model(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], timings: StepTimings,
+                      pending=None):
+        """Launch the step's forward pass; returns (logits, sampling metadata). On CUDA the
+        logits may still be being computed when this returns (nothing here syncs)."""
         t0 = time.perf_counter()
         self.apply_cache_ops(out)
-        ids, pos, meta, logits_rows, sampling_metadata = self.prepare_inputs(out, block_tables)
+        ids, pos, meta, logits_rows, sampling_metadata = self.prepare_inputs(out, block_tables, pending)
         t1 = time.perf_counter()
         timings.prepare_s = t1 - t0
         num_tokens = ids.shape[0]
@@ -229,7 +291,7 @@ class ModelRunner:
         else:
             hidden = self.model(ids, pos, self.kv_caches, meta)
             if len(logits_rows) != num_tokens:
-                hidden = hidden[torch.tensor(logits_rows, device=self.device)]
+                hidden = hidden.index_select(0, to_device(logits_rows, torch.int64, self.device))
             logits = self.model.compute_logits(hidden)
         timings.forward_s = time.perf_counter() - t1
         return logits, sampling_metadata

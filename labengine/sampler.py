@@ -32,6 +32,7 @@ import torch
 
 from labengine.sampling_params import _SAMPLING_EPS, SamplingParams, SamplingType
 from labengine.sequence import Logprob, SequenceGroup
+from labengine.utils import to_device
 
 __all__ = ["SequenceGroupToSample", "SamplingMetadata", "SequenceOutput",
            "SequenceGroupOutput", "Sampler"]
@@ -116,14 +117,14 @@ def _select_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     indexing on CPU); x itself when rows is every row in order."""
     if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
         return x
-    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
+    return x.index_select(0, to_device(rows, torch.long, x.device))
 
 
 def _write_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
     """x[rows] = values (in place unless rows is every row: then values is the result)."""
     if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
         return values
-    x.index_copy_(0, torch.tensor(rows, dtype=torch.long, device=x.device), values)
+    x.index_copy_(0, to_device(rows, torch.long, x.device), values)
     return x
 
 
@@ -181,16 +182,16 @@ def apply_truncation(logits: torch.Tensor, ks: list[int], ps: list[float]) -> to
         kmax = max(ks[i] for i in k_rows)
         x = _select_rows(logits, k_rows)
         vals = x.topk(kmax, dim=-1).values
-        kth = vals.gather(1, torch.tensor([ks[i] - 1 for i in k_rows], device=device).unsqueeze(1))
+        kth = vals.gather(1, to_device([ks[i] - 1 for i in k_rows], torch.long, device).unsqueeze(1))
         logits = _write_rows(logits, k_rows, x.masked_fill_(x < kth, neg_inf))
     if not p_rows:
         return logits
     x = _select_rows(logits, p_rows)
     cs = [ks[i] if ks[i] < vocab else min(TOP_P_CANDIDATES, vocab) for i in p_rows]
-    has_k = torch.tensor([ks[i] < vocab for i in p_rows], device=device)
+    has_k = to_device([ks[i] < vocab for i in p_rows], torch.bool, device)
     cmax = max(cs)
     vals, idx = x.topk(cmax, dim=-1)  # descending
-    c_t = torch.tensor(cs, device=device)
+    c_t = to_device(cs, torch.long, device)
     pos = torch.arange(cmax, device=device).unsqueeze(0)
     # top-k: the k-th value (ties kept); with top-k the candidates are the top k, and a row
     # whose ties at the k-th value reach past them takes the full sort.
@@ -210,7 +211,7 @@ def apply_truncation(logits: torch.Tensor, ks: list[int], ps: list[float]) -> to
     rest = torch.where(has_k.unsqueeze(1), torch.zeros_like(rest), rest)
     asc_p = cand_p.flip(-1)
     cum_asc = rest + asc_p.cumsum(dim=-1)
-    p_t = torch.tensor([ps[i] for i in p_rows], dtype=logits.dtype, device=device)
+    p_t = to_device([ps[i] for i in p_rows], logits.dtype, device)
     mask_asc = cum_asc <= 1 - p_t.unsqueeze(1)
     mask_asc[:, -1] = False
     keep = ~mask_asc.flip(-1) & (cand > neg_inf)  # descending order, like vals
@@ -223,9 +224,9 @@ def apply_truncation(logits: torch.Tensor, ks: list[int], ps: list[float]) -> to
     fallback = [j for j, f in enumerate(needs_full_list) if f]
     if fallback:
         sub = _select_rows(x, fallback)
-        result.index_copy_(0, torch.tensor(fallback, device=device), apply_top_k_top_p(
-            sub, torch.tensor([min(ks[p_rows[j]], vocab) for j in fallback], device=device),
-            torch.tensor([ps[p_rows[j]] for j in fallback], dtype=logits.dtype, device=device)))
+        result.index_copy_(0, to_device(fallback, torch.long, device), apply_top_k_top_p(
+            sub, to_device([min(ks[p_rows[j]], vocab) for j in fallback], torch.long, device),
+            to_device([ps[p_rows[j]] for j in fallback], logits.dtype, device)))
     return _write_rows(logits, p_rows, result)
 
 
@@ -303,9 +304,16 @@ class Sampler:
         self.eos_token_ids: set[int] = set(eos_token_ids or ())
 
     # ------------------------------------------------------------------ main entry
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata
                  ) -> list[SequenceGroupOutput]:
+        finish, _ = self.launch(logits, metadata)
+        return finish()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, metadata: SamplingMetadata):
+        """Launch the batch's sampling on the device; returns (finish, tokens): `finish()` waits
+        for the results and builds the outputs, `tokens` (one per sample, in order, still on
+        the device) can feed the next step before then. Only beam search syncs in here."""
         groups = metadata.groups
         if logits.dtype != torch.float32:
             logits = logits.float()
@@ -405,8 +413,8 @@ class Sampler:
             if not owned:
                 logits = logits.clone()
                 owned = True
-            logits[torch.tensor(mask_rows, device=device),
-                   torch.tensor(mask_cols, device=device)] = -float("inf")
+            logits[to_device(mask_rows, torch.long, device),
+                   to_device(mask_cols, torch.long, device)] = -float("inf")
 
         # ---- 4. Penalties (vectorized over the penalized rows).
         if pen_rows:
@@ -415,13 +423,13 @@ class Sampler:
                 owned = True
             logits = _write_rows(logits, pen_rows, apply_penalties(
                 _select_rows(logits, pen_rows), pen_prompt, pen_output,
-                torch.tensor(pen_p, dtype=logits.dtype, device=device),
-                torch.tensor(pen_f, dtype=logits.dtype, device=device),
-                torch.tensor(pen_r, dtype=logits.dtype, device=device)))
+                to_device(pen_p, logits.dtype, device),
+                to_device(pen_f, logits.dtype, device),
+                to_device(pen_r, logits.dtype, device)))
 
         # ---- 5. Temperature.
         if any_temp:
-            logits = logits / torch.tensor(temps, dtype=logits.dtype, device=device).unsqueeze(1)
+            logits = logits / to_device(temps, logits.dtype, device).unsqueeze(1)
             owned = True
 
         # ---- 6. top-k / top-p, 7. min-p (only on the rows that ask for them).
@@ -438,7 +446,7 @@ class Sampler:
                 owned = True
             logits = _write_rows(logits, min_p_rows, apply_min_p(
                 _select_rows(logits, min_p_rows),
-                torch.tensor([min_ps[r] for r in min_p_rows], dtype=logits.dtype, device=device)))
+                to_device([min_ps[r] for r in min_p_rows], logits.dtype, device)))
 
         # ---- 8./9. The processed distribution, and the samples.
         return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets)
@@ -529,7 +537,7 @@ class Sampler:
                 ns_tokens = rtok
                 ns_logprob = rlp
             else:
-                rp = torch.tensor(rand_pos, device=device)
+                rp = to_device(rand_pos, torch.long, device)
                 ns_tokens[rp] = rtok
                 ns_logprob[rp] = rlp
         if greedy_pos:
@@ -538,7 +546,7 @@ class Sampler:
             if len(greedy_pos) == n_ns:
                 ns_tokens = gtok
             else:
-                ns_tokens[torch.tensor(greedy_pos, device=device)] = gtok
+                ns_tokens[to_device(greedy_pos, torch.long, device)] = gtok
 
         # Samples whose logprob (and rank, top-k) come from the full log_softmax.
         full_pos = [i for i in range(n_ns) if ns_full[i]]
@@ -546,7 +554,7 @@ class Sampler:
         sel_tok_parts = []
         if full_pos:
             sel_tok_parts.append(ns_tokens if len(full_pos) == n_ns
-                                 else ns_tokens[torch.tensor(full_pos, device=device)])
+                                 else ns_tokens[to_device(full_pos, torch.long, device)])
 
         # Beam search: per request, the top 2 * beam_width candidates.
         beam_plan: dict[int, tuple[list[int], list[int], list[int]]] = {}
@@ -575,49 +583,42 @@ class Sampler:
                 tokens = [i % vocab for i in top_ids]
             beam_plan[gi] = (tokens, parents, [g.sample_rows[p] for p in parents])
             sel_rows.extend(lrows[p] for p in parents)
-            sel_tok_parts.append(torch.tensor(tokens, dtype=torch.long, device=device))
+            sel_tok_parts.append(to_device(tokens, torch.long, device))
 
         # Logprob of each chosen token from the full log_softmax, and its vocabulary rank
         # (1 + #strictly larger logprobs) where the request asked for logprobs.
-        sel_list: list[float] = []
-        rank_list: list[Optional[int]] = []
+        # (Everything up to `finish` only launches GPU work; the host transfers wait there.)
+        sel_t = None
+        rank_all = rank_some = None
+        rank_idx: list[int] = []
         if sel_rows:
             sel_src = _select_rows(logprobs, sel_rows)
             sel_tok = torch.cat(sel_tok_parts) if len(sel_tok_parts) > 1 else sel_tok_parts[0]
             selected = sel_src.gather(1, sel_tok.unsqueeze(1))
-            sel_list = selected.squeeze(1).tolist()
+            sel_t = selected.squeeze(1)
             want_rank = [groups[ns_group[i]].seq_group.sampling_params.logprobs is not None
                          for i in full_pos]
             for gi in beam_groups:
                 want_rank += [groups[gi].seq_group.sampling_params.logprobs is not None] * \
                     len(beam_plan[gi][0])
-            rank_list = [None] * len(sel_rows)
             if any(want_rank):
                 if all(want_rank):
-                    ranks = (sel_src > selected).sum(dim=-1) + 1
-                    rank_list = ranks.tolist()
+                    rank_all = (sel_src > selected).sum(dim=-1) + 1
                 else:
-                    idx = [i for i, w in enumerate(want_rank) if w]
-                    it = torch.tensor(idx, device=device)
-                    ranks = ((sel_src.index_select(0, it) > selected.index_select(0, it)
-                              ).sum(dim=-1) + 1).tolist()
-                    for i, r in zip(idx, ranks):
-                        rank_list[i] = r
-
-        # One host transfer for the non-beam tokens and their light logprobs.
-        token_list = ns_tokens.tolist() if n_ns else []
-        light_list = ns_logprob.tolist() if rand_pos else []
+                    rank_idx = [i for i, w in enumerate(want_rank) if w]
+                    it = to_device(rank_idx, torch.long, device)
+                    rank_some = (sel_src.index_select(0, it) > selected.index_select(0, it)).sum(dim=-1) + 1
 
         # Prompt logprobs: logprob and rank of each real prompt token.
         if prompt_lp_rows:
             prompt_lp = _select_rows(logprobs, [lsm_index[r] for r in prompt_lp_rows])
-            tgt = torch.tensor(prompt_lp_targets, dtype=torch.long, device=device).clamp_(0, vocab - 1)
-            p_sel = prompt_lp.gather(1, tgt.unsqueeze(1))
-            p_rank = ((prompt_lp > p_sel).sum(dim=-1) + 1).tolist()
-            p_sel = p_sel.squeeze(1).tolist()
+            tgt = to_device(prompt_lp_targets, torch.long, device).clamp_(0, vocab - 1)
+            p_sel_t = prompt_lp.gather(1, tgt.unsqueeze(1))
+            p_rank_t = (prompt_lp > p_sel_t).sum(dim=-1) + 1
             p_index = {r: i for i, r in enumerate(prompt_lp_rows)}
         else:
-            p_sel, p_rank, p_index = [], [], {}
+            p_sel_t = p_rank_t = None
+            p_index = {}
 
         # Top-k logprobs, one topk over every row that asks for them.
         topk_rows: set[int] = set()
@@ -631,15 +632,40 @@ class Sampler:
                 topk_rows.update(g.prompt_logprob_rows)
                 max_k = max(max_k, params.prompt_logprobs)
         top_index: dict[int, int] = {}
-        top_ids: list = []
-        top_vals: list = []
+        tv = ti = None
         if topk_rows:
             rows_sorted = sorted(topk_rows)
             max_k = min(max_k, vocab)
             tv, ti = _select_rows(logprobs, [lsm_index[r] for r in rows_sorted]
                                   ).topk(max_k, dim=-1)
-            top_vals, top_ids = tv.tolist(), ti.tolist()
             top_index = {r: i for i, r in enumerate(rows_sorted)}
+
+        def finish() -> list[SequenceGroupOutput]:
+            return self._assemble(groups, ns_tokens, ns_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src,
+                                  ns_parent, full_pos, beam_groups, beam_plan, sel_t, sel_rows, rank_all,
+                                  rank_some, rank_idx, p_sel_t, p_rank_t, p_index, prompt_lp_targets,
+                                  tv, ti, top_index)
+
+        return finish, ns_tokens
+
+    def _assemble(self, groups, ns_tokens, ns_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src, ns_parent,
+                  full_pos, beam_groups, beam_plan, sel_t, sel_rows, rank_all, rank_some, rank_idx,
+                  p_sel_t, p_rank_t, p_index, prompt_lp_targets, tv, ti, top_index
+                  ) -> list[SequenceGroupOutput]:
+        """The host half of sampling: the transfers (they wait for the GPU) and the outputs."""
+        token_list = ns_tokens.tolist() if n_ns else []
+        light_list = ns_logprob.tolist() if rand_pos else []
+        sel_list = sel_t.tolist() if sel_t is not None else []
+        rank_list: list[Optional[int]] = [None] * len(sel_rows)
+        if rank_all is not None:
+            rank_list = rank_all.tolist()
+        elif rank_some is not None:
+            for i, r in zip(rank_idx, rank_some.tolist()):
+                rank_list[i] = r
+        p_sel = p_sel_t.squeeze(1).tolist() if p_sel_t is not None else []
+        p_rank = p_rank_t.tolist() if p_rank_t is not None else []
+        top_vals = tv.tolist() if tv is not None else []
+        top_ids = ti.tolist() if ti is not None else []
 
         def make_dict(token: int, lp: float, rank: Optional[int], row: int, k: Optional[int]):
             d = {token: Logprob(lp, rank)}

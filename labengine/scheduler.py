@@ -36,6 +36,9 @@ class SchedulerOutputs:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), copy-on-write
     ignored_seq_groups: list[SequenceGroup] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
+    # async scheduling: running sequences left out of this step (the token being sampled
+    # ahead of it ends them by length, so they have nothing to run)
+    skipped_seq_ids: frozenset = frozenset()
 
     def is_empty(self) -> bool:
         return not (self.scheduled_seq_groups or self.blocks_to_swap_in or self.blocks_to_swap_out
@@ -102,6 +105,50 @@ class Scheduler:
                           token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
                           num_running=len(self.running), num_waiting=len(self.waiting),
                           num_swapped=len(self.swapped))
+        return out
+
+    def schedule_lookahead(self) -> SchedulerOutputs | None:
+        """Async scheduling: the next decode step, decided while the current one still runs.
+
+        Every running sequence is one token longer than the host knows (the token being
+        sampled now), so each gets a slot one position further. Returns None when the step
+        must be decided normally, after the current one: requests are waiting or swapped
+        out (they may be admitted), or the cache cannot give every sequence its slot
+        (preemption) or a block is shared (copy-on-write).
+        """
+        if self.waiting or self.swapped or not self.running:
+            return None
+        running = SequenceStatus.RUNNING
+        cap = self.config.max_model_len
+        seqs: list[Sequence] = []
+        skipped: set[int] = set()
+        groups: list[ScheduledSequenceGroup] = []
+        for g in self.running:
+            max_tokens = g.sampling_params.max_tokens
+            n = 0
+            for s in g.seqs_dict.values():
+                if s.status is not running:
+                    continue
+                if s.get_len() + 1 > cap or (max_tokens is not None and s.get_output_len() + 1 >= max_tokens):
+                    skipped.add(s.seq_id)
+                else:
+                    seqs.append(s)
+                    n += 1
+            if n:
+                groups.append(ScheduledSequenceGroup(g, n))
+        bm = self.block_manager
+        if not seqs or not bm.can_append_slots_ahead(seqs):
+            return None
+        for seq in seqs:
+            bm.append_slot_ahead(seq)
+        out = SchedulerOutputs(scheduled_seq_groups=groups, num_batched_tokens=len(seqs),
+                               skipped_seq_ids=frozenset(skipped))
+        if self.bus.active:
+            self.bus.emit(Scheduled, prefill_request_ids=(),
+                          decode_request_ids=tuple(s.seq_group.request_id for s in groups),
+                          num_batched_tokens=out.num_batched_tokens,
+                          token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
+                          num_running=len(self.running), num_waiting=0, num_swapped=0)
         return out
 
     def _num_running_seqs(self) -> int:

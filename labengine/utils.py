@@ -37,5 +37,15 @@ class Counter:
         self.counter = 0
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.tensor(data) on `device` without a host sync: on CUDA through pinned memory with
+    non_blocking=True (a plain copy from pageable memory waits for the whole stream to drain,
+    which would stall the host behind the GPU). PyTorch's pinned-memory cache keeps the
+    buffer until the copy has run."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
