@@ -640,11 +640,24 @@ class Sampler:
                                   ).topk(max_k, dim=-1)
             top_index = {r: i for i, r in enumerate(rows_sorted)}
 
+        # Start the results' copies to the host now, so they are queued on the stream before
+        # any later step's work (async scheduling launches the next step before finish()).
+        results = [ns_tokens if n_ns else None, ns_logprob if rand_pos else None, sel_t, rank_all, rank_some,
+                   p_sel_t, p_rank_t, tv, ti]
+        ready = None
+        if device.type == "cuda":
+            results = [None if t is None else t.to("cpu", non_blocking=True) for t in results]
+            ready = torch.cuda.Event()
+            ready.record()
+
         def finish() -> list[SequenceGroupOutput]:
-            return self._assemble(groups, ns_tokens, ns_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src,
-                                  ns_parent, full_pos, beam_groups, beam_plan, sel_t, sel_rows, rank_all,
-                                  rank_some, rank_idx, p_sel_t, p_rank_t, p_index, prompt_lp_targets,
-                                  tv, ti, top_index)
+            if ready is not None:
+                ready.synchronize()  # waits for this step only, not for steps launched after it
+            h_tokens, h_logprob, h_sel, h_rank_all, h_rank_some, h_p_sel, h_p_rank, h_tv, h_ti = results
+            return self._assemble(groups, h_tokens, h_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src,
+                                  ns_parent, full_pos, beam_groups, beam_plan, h_sel, sel_rows, h_rank_all,
+                                  h_rank_some, rank_idx, h_p_sel, h_p_rank, p_index, prompt_lp_targets,
+                                  h_tv, h_ti, top_index)
 
         return finish, ns_tokens
 

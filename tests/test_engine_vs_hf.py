@@ -60,7 +60,8 @@ CASES = [("ample", None, "recompute"), ("tiny", 9, "recompute"), ("tiny", 9, "sw
 @pytest.mark.parametrize("cache,blocks,mode", CASES, ids=[f"{c}-{m}" for c, _, m in CASES])
 def test_greedy_equals_transformers(models, references, arch, cache, blocks, mode):
     prompt_ids, hf_tokens, hf_logprobs = references[arch]
-    llm = LLM(model=str(models[arch]), max_model_len=128, num_gpu_blocks_override=blocks,
+    # (float32 explicitly: on a GPU dtype="auto" would map these float32 models to float16)
+    llm = LLM(model=str(models[arch]), dtype="float32", max_model_len=128, num_gpu_blocks_override=blocks,
               preemption_mode=mode, swap_space=0.01, check_invariants=True)
     preempted = []
     llm.add_event_listener(lambda e: preempted.append(e.mode) if e.kind == "preempted" else None)
