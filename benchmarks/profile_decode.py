@@ -78,7 +78,7 @@ def main():
         att = cuda_ms(lambda: decode_attention(q, k, v, meta.block_tables, meta.seq_lens, scale,
                                                max_seq_len=maxlen), reps=20)
         nbytes = sum(meta.seq_lens_list) * 2 * k.shape[2] * k.shape[3] * k.element_size() + 2 * q.numel() * 2
-        print(f"decode attention alone, one layer ({label}): {1e3 * att:.1f} us, {nbytes / att / 1e9:.0f} GB/s "
+        print(f"decode attention alone, one layer ({label}): {1e3 * att:.1f} us, {nbytes / att / 1e6:.0f} GB/s "
               f"= {100 * nbytes / att / 1e-3 / bw:.1f}% of copy ({bw / 1e12:.2f} TB/s); x{m.num_layers} layers = "
               f"{att * m.num_layers:.2f} ms")
     from torch.profiler import ProfilerActivity, profile
