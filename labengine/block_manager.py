@@ -116,7 +116,7 @@ class BlockManager:
         bs, ref = self.block_size, self.gpu_allocator.ref_counts
         for seq in seqs:
             table = self.block_tables[seq.seq_id]
-            if -(-(seq.get_len() + 1) // bs) > len(table):
+            if cdiv(seq.get_len() + 1, bs) > len(table):
                 needed += 1
             elif ref[table[-1]] > 1:
                 return False
@@ -125,7 +125,7 @@ class BlockManager:
     def append_slot_ahead(self, seq: Sequence) -> None:
         """Room for the token after the sequence's last one (checked by can_append_slots_ahead)."""
         table = self.block_tables[seq.seq_id]
-        if -(-(seq.get_len() + 1) // self.block_size) > len(table):
+        if cdiv(seq.get_len() + 1, self.block_size) > len(table):
             table.append(self._take(self.gpu_allocator, seq.seq_id, len(table)))
 
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:

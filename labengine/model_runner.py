@@ -190,16 +190,13 @@ class ModelRunner:
             params = group.sampling_params
             seqs = group.get_seqs(SequenceStatus.RUNNING)
             sample_rows, prompt_rows = [], []
-            is_prompt = out.is_prefill and seqs[0].get_output_len() == 0
+            is_prompt = seqs[0].get_output_len() == 0
             for seq in seqs:
                 table = block_tables[seq.seq_id]
                 seq_len = seq.get_len()
-                start = seq.num_computed_tokens if out.is_prefill else seq_len - 1
+                start = seq.num_computed_tokens
                 n = len(input_ids)
-                if out.is_prefill:
-                    input_ids.extend(seq.get_token_ids()[start:])
-                else:
-                    input_ids.append(seq.get_last_token_id())
+                input_ids.extend(seq.get_token_ids()[start:])
                 positions.extend(range(start, seq_len))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, seq_len))
                 seq_lens.append(seq_len)
@@ -214,7 +211,7 @@ class ModelRunner:
                                                 is_prompt=is_prompt, prompt_logprob_rows=prompt_rows,
                                                 sample_rows=sample_rows))
         dev = self.device
-        meta = self._metadata(out.is_prefill, to_device(slots, torch.int64, dev),
+        meta = self._metadata(True, to_device(slots, torch.int64, dev),
                               seq_lens, query_lens, self._table_tensor(tables))
         ids = to_device(input_ids, torch.int64, dev)
         pos = to_device(positions, torch.int64, dev)

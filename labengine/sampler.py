@@ -651,78 +651,69 @@ class Sampler:
             ready.record()
 
         def finish() -> list[SequenceGroupOutput]:
+            """The host half: wait for this step's copies, then build the outputs."""
             if ready is not None:
                 ready.synchronize()  # waits for this step only, not for steps launched after it
             h_tokens, h_logprob, h_sel, h_rank_all, h_rank_some, h_p_sel, h_p_rank, h_tv, h_ti = results
-            return self._assemble(groups, h_tokens, h_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src,
-                                  ns_parent, full_pos, beam_groups, beam_plan, h_sel, sel_rows, h_rank_all,
-                                  h_rank_some, rank_idx, h_p_sel, h_p_rank, p_index, prompt_lp_targets,
-                                  h_tv, h_ti, top_index)
+            token_list = h_tokens.tolist() if n_ns else []
+            light_list = h_logprob.tolist() if rand_pos else []
+            sel_list = h_sel.tolist() if h_sel is not None else []
+            rank_list: list[Optional[int]] = [None] * len(sel_rows)
+            if h_rank_all is not None:
+                rank_list = h_rank_all.tolist()
+            elif h_rank_some is not None:
+                for i, r in zip(rank_idx, h_rank_some.tolist()):
+                    rank_list[i] = r
+            p_sel = h_p_sel.squeeze(1).tolist() if h_p_sel is not None else []
+            p_rank = h_p_rank.tolist() if h_p_rank is not None else []
+            top_vals = h_tv.tolist() if h_tv is not None else []
+            top_ids = h_ti.tolist() if h_ti is not None else []
+
+            def make_dict(token: int, lp: float, rank: Optional[int], row: int, k: Optional[int]):
+                d = {token: Logprob(lp, rank)}
+                if k:
+                    i = top_index[row]
+                    ids, vals = top_ids[i], top_vals[i]
+                    for j in range(k):
+                        # (a top-k entry for the sampled token updates it in place, as in vLLM)
+                        d[ids[j]] = Logprob(vals[j], j + 1)
+                return d
+
+            # ---- Assemble per-group outputs.
+            outputs = [SequenceGroupOutput(samples=[]) for _ in groups]
+            full_slot = {p: i for i, p in enumerate(full_pos)}
+            for pos in range(n_ns):
+                gi = ns_group[pos]
+                k = groups[gi].seq_group.sampling_params.logprobs
+                tok = token_list[pos]
+                if ns_full[pos]:
+                    i = full_slot[pos]
+                    lp, rank = sel_list[i], rank_list[i]
+                else:
+                    lp, rank = light_list[pos], None
+                outputs[gi].samples.append(SequenceOutput(
+                    ns_parent[pos], tok, lp, make_dict(tok, lp, rank, ns_src[pos], k)))
+            i = len(full_pos)
+            for gi in beam_groups:
+                g = groups[gi]
+                k = g.seq_group.sampling_params.logprobs
+                tokens, parents, src_rows = beam_plan[gi]
+                for tok, parent, row in zip(tokens, parents, src_rows):
+                    lp = sel_list[i]
+                    outputs[gi].samples.append(SequenceOutput(
+                        g.seq_ids[parent], tok, lp, make_dict(tok, lp, rank_list[i], row, k)))
+                    i += 1
+            for gi, g in enumerate(groups):
+                if g.prompt_logprob_rows:
+                    k = g.seq_group.sampling_params.prompt_logprobs
+                    plist = []
+                    for r in g.prompt_logprob_rows:
+                        j = p_index[r]
+                        plist.append(make_dict(prompt_lp_targets[j], p_sel[j], p_rank[j], r, k))
+                    outputs[gi].prompt_logprobs = plist
+            return outputs
 
         return finish, ns_tokens
-
-    def _assemble(self, groups, ns_tokens, ns_logprob, n_ns, rand_pos, ns_group, ns_full, ns_src, ns_parent,
-                  full_pos, beam_groups, beam_plan, sel_t, sel_rows, rank_all, rank_some, rank_idx,
-                  p_sel_t, p_rank_t, p_index, prompt_lp_targets, tv, ti, top_index
-                  ) -> list[SequenceGroupOutput]:
-        """The host half of sampling: the transfers (they wait for the GPU) and the outputs."""
-        token_list = ns_tokens.tolist() if n_ns else []
-        light_list = ns_logprob.tolist() if rand_pos else []
-        sel_list = sel_t.tolist() if sel_t is not None else []
-        rank_list: list[Optional[int]] = [None] * len(sel_rows)
-        if rank_all is not None:
-            rank_list = rank_all.tolist()
-        elif rank_some is not None:
-            for i, r in zip(rank_idx, rank_some.tolist()):
-                rank_list[i] = r
-        p_sel = p_sel_t.squeeze(1).tolist() if p_sel_t is not None else []
-        p_rank = p_rank_t.tolist() if p_rank_t is not None else []
-        top_vals = tv.tolist() if tv is not None else []
-        top_ids = ti.tolist() if ti is not None else []
-
-        def make_dict(token: int, lp: float, rank: Optional[int], row: int, k: Optional[int]):
-            d = {token: Logprob(lp, rank)}
-            if k:
-                i = top_index[row]
-                ids, vals = top_ids[i], top_vals[i]
-                for j in range(k):
-                    # (a top-k entry for the sampled token updates it in place, as in vLLM)
-                    d[ids[j]] = Logprob(vals[j], j + 1)
-            return d
-
-        # ---- Assemble per-group outputs.
-        outputs = [SequenceGroupOutput(samples=[]) for _ in groups]
-        full_slot = {p: i for i, p in enumerate(full_pos)}
-        for pos in range(n_ns):
-            gi = ns_group[pos]
-            k = groups[gi].seq_group.sampling_params.logprobs
-            tok = token_list[pos]
-            if ns_full[pos]:
-                i = full_slot[pos]
-                lp, rank = sel_list[i], rank_list[i]
-            else:
-                lp, rank = light_list[pos], None
-            outputs[gi].samples.append(SequenceOutput(
-                ns_parent[pos], tok, lp, make_dict(tok, lp, rank, ns_src[pos], k)))
-        i = len(full_pos)
-        for gi in beam_groups:
-            g = groups[gi]
-            k = g.seq_group.sampling_params.logprobs
-            tokens, parents, src_rows = beam_plan[gi]
-            for tok, parent, row in zip(tokens, parents, src_rows):
-                lp = sel_list[i]
-                outputs[gi].samples.append(SequenceOutput(
-                    g.seq_ids[parent], tok, lp, make_dict(tok, lp, rank_list[i], row, k)))
-                i += 1
-        for gi, g in enumerate(groups):
-            if g.prompt_logprob_rows:
-                k = g.seq_group.sampling_params.prompt_logprobs
-                plist = []
-                for r in g.prompt_logprob_rows:
-                    j = p_index[r]
-                    plist.append(make_dict(prompt_lp_targets[j], p_sel[j], p_rank[j], r, k))
-                outputs[gi].prompt_logprobs = plist
-        return outputs
 
     def _random(self, weights: torch.Tensor, seeded, device
                 ) -> tuple[torch.Tensor, torch.Tensor]:

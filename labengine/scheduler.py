@@ -98,14 +98,17 @@ class Scheduler:
         if not out.scheduled_seq_groups:
             self._schedule_decodes(out)
         if self.bus.active:
-            prefill_ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups if out.is_prefill)
-            decode_ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups if not out.is_prefill)
-            self.bus.emit(Scheduled, prefill_request_ids=prefill_ids, decode_request_ids=decode_ids,
-                          num_batched_tokens=out.num_batched_tokens,
-                          token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
-                          num_running=len(self.running), num_waiting=len(self.waiting),
-                          num_swapped=len(self.swapped))
+            self._emit_scheduled(out)
         return out
+
+    def _emit_scheduled(self, out: SchedulerOutputs) -> None:
+        ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups)
+        self.bus.emit(Scheduled, prefill_request_ids=ids if out.is_prefill else (),
+                      decode_request_ids=() if out.is_prefill else ids,
+                      num_batched_tokens=out.num_batched_tokens,
+                      token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
+                      num_running=len(self.running), num_waiting=len(self.waiting),
+                      num_swapped=len(self.swapped))
 
     def schedule_lookahead(self) -> SchedulerOutputs | None:
         """Async scheduling: the next decode step, decided while the current one still runs.
@@ -144,11 +147,7 @@ class Scheduler:
         out = SchedulerOutputs(scheduled_seq_groups=groups, num_batched_tokens=len(seqs),
                                skipped_seq_ids=frozenset(skipped))
         if self.bus.active:
-            self.bus.emit(Scheduled, prefill_request_ids=(),
-                          decode_request_ids=tuple(s.seq_group.request_id for s in groups),
-                          num_batched_tokens=out.num_batched_tokens,
-                          token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
-                          num_running=len(self.running), num_waiting=0, num_swapped=0)
+            self._emit_scheduled(out)
         return out
 
     def _num_running_seqs(self) -> int:
