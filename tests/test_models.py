@@ -8,6 +8,7 @@ transformers' (float32, eager attention) to 1e-4.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import types
@@ -15,6 +16,7 @@ import types
 import pytest
 import torch
 
+from labengine.attention import get_attn_backend
 from labengine.attention.torch_backend import TorchAttentionBackend
 from labengine.models import (
     MODEL_REGISTRY,
@@ -85,8 +87,11 @@ def model_dir(tmp_path_factory):
     return make
 
 
-def load_ours(path, dtype=torch.float32, load_format="auto"):
-    return get_model(path, load_hf_config(path), "cpu", dtype, TorchAttentionBackend(), load_format=load_format)
+def load_ours(path, dtype=torch.float32, load_format="auto", backend="torch"):
+    """Our model on the CPU; backend "triton" runs Triton's interpreter (the GPU path: the
+    Triton attention kernels and, for the Llama family, the fused norm/rotary/SiLU kernels)."""
+    attn = TorchAttentionBackend() if backend == "torch" else get_attn_backend("triton", torch.device("cpu"))
+    return get_model(path, load_hf_config(path), "cpu", dtype, attn, load_format=load_format)
 
 
 def load_hf(path):
@@ -110,10 +115,18 @@ def prefill_logits(model, prompts, kv_caches):
     return model.compute_logits(hidden)
 
 
+TRITON_PATH = pytest.param(
+    "triton", marks=pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="needs TRITON_INTERPRET=1 (conftest.py sets it without a GPU)"))
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_PATH])
 @pytest.mark.parametrize("name,arch,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_prefill_and_decode_match_transformers(model_dir, name, arch, overrides):
+def test_prefill_and_decode_match_transformers(model_dir, name, arch, overrides, backend):
     path = model_dir(name, arch, **overrides)
-    ours, hf = load_ours(path), load_hf(path)
+    ours, hf = load_ours(path, backend=backend), load_hf(path)
+    if backend == "triton" and arch not in ("opt", "gpt2"):
+        assert ours.model.layers[0].mlp.kernels is not None  # the fused kernels are in use
     vocab = ours.vocab_size
     prompts = random_prompts(vocab, PROMPT_LENS)
     kv_caches = make_kv_caches(ours, num_blocks=16, block_size=BLOCK_SIZE)

@@ -39,18 +39,46 @@ def head_dim_of(hf_config) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as Llama defines it: normalise in float32, cast back, then scale."""
+    """RMSNorm as Llama defines it: normalise in float32, cast back, then scale.
+
+    `norm(x, residual)` is the decoder layer's "add to the residual stream, then normalise":
+    it returns (norm(x + residual), x + residual). With `kernels` set (the Triton path, see
+    `use_fused_kernels`) each call is one fused kernel instead of ~8 elementwise ones.
+    """
+
+    kernels = None  # labengine.kernels on the Triton path
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.kernels is not None and x.dim() == 2:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = residual + x
+            residual = x
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
+
+
+def use_fused_kernels(model: nn.Module, attn_backend) -> None:
+    """On the Triton path, point every module that has a fused kernel at labengine.kernels.
+
+    The PyTorch path (any device) keeps plain PyTorch ops: it is the reference the kernels
+    are tested against. Modules opt in with a class attribute `kernels = None`.
+    """
+    if getattr(attn_backend, "name", None) != "triton":
+        return
+    from labengine.attention.triton_backend import kernels
+
+    for module in model.modules():
+        if hasattr(type(module), "kernels"):
+            module.kernels = kernels
 
 
 def _gelu_tanh(x):

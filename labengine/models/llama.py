@@ -25,12 +25,15 @@ from labengine.models.layers import (
     cfg_get,
     head_dim_of,
     load_weights_into,
+    use_fused_kernels,
 )
 
 logger = logging.getLogger(__name__)
 
 
 class LlamaAttention(nn.Module):
+    kernels = None  # labengine.kernels on the Triton path: q/k norm + rotary in one kernel
+
     def __init__(self, cfg, attn_backend, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -50,7 +53,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, kv_cache, meta):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.kernels is not None:
+            q, k = self.kernels.qk_norm_rope(
+                qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()))
+            # v stays a strided view of qkv: the Triton backend reads it in place
+            v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
+            o = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+            return self.o_proj(o.reshape(T, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         # contiguous: kernels may assume dense [T, H, D] rows (a split leaves a strided view)
@@ -65,6 +77,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
+    kernels = None  # labengine.kernels on the Triton path: silu(gate) * up in one kernel
+
     def __init__(self, cfg, bias: bool):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
@@ -75,7 +89,10 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act={act!r} is not supported for the Llama family; allowed: 'silu'")
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -87,9 +104,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, rotary, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, rotary, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, cos, sin, rotary, kv_cache, meta):
+        """x: the previous layer's MLP output (the embeddings for layer 0, residual None);
+        returns (this layer's MLP output, the residual stream before it). Each residual add
+        is fused with the norm that follows it, as vLLM does."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, rotary, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -107,9 +132,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, self.rotary_emb, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, self.rotary_emb, kv_cache, meta)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -154,6 +180,7 @@ class LlamaForCausalLM(nn.Module):
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         self.sliding_window = self._active_sliding_window(cfg)
+        use_fused_kernels(self, attn_backend)
 
     @staticmethod
     def _active_sliding_window(cfg):

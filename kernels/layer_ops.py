@@ -1,0 +1,302 @@
+"""Fused per-token operations of a decoder layer: RMSNorm (with the residual add), Qwen3's
+per-head q/k RMSNorm + rotary embedding, and SiLU-and-multiply.
+
+Why they exist: in PyTorch each of these is several tiny elementwise kernels (RMSNorm alone
+is upcast, square, mean, add, rsqrt, multiply, downcast, scale). In a decode step the
+tensors are small (batch 256 x hidden 1024 is half a megabyte), so every kernel costs its
+launch and a round trip to memory, not its arithmetic: a Qwen3 layer was ~58 launches, and
+at 28 layers they were a quarter of the step even under CUDA graphs. Each kernel here is
+one launch that reads its inputs once and writes its outputs once.
+
+Numerics follow transformers op for op (the engine's correctness bar): RMSNorm normalises
+in fp32, rounds to the model dtype, then multiplies by the weight and rounds again; the
+rotary products are rounded to the model dtype before they are summed, as
+`q * cos + rotate_half(q) * sin` does in bf16; SiLU is rounded before the multiply. So the
+fused path matches the PyTorch path up to fp32 reduction order and last-bit differences of
+exp/rsqrt (`_round` below makes the intermediate roundings explicit).
+
+* `rms_norm`: grid (T,), one program per token row (the whole row in one tile: the norm
+  needs its sum of squares before it can write anything).
+* `qk_norm_rope`: grid (T,), one program per token covering all of its q and k heads as one
+  [heads, D] tile: the heads of q then k are adjacent in a fused qkv row, so it reads one
+  contiguous run per token.
+* `silu_and_mul`: grid (T, cdiv(I, BLOCK)), BLOCK = 1024 channels per program.
+
+Each launcher has its PyTorch reference (`*_ref`) below it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """Round fp32 x to the nearest DTYPE value (ties to even), kept in fp32: what a PyTorch
+    op in that dtype would store. bf16 is rounded with integer ops because Triton's CPU
+    interpreter truncates in `.to(tl.bfloat16)` (the GPU rounds); both then agree."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, rounded to nearest on the GPU and in the interpreter alike."""
+    return _round(x, DTYPE).to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X,  # [T, N] input rows, last dim contiguous
+    Residual,  # [T, N] residual rows (read only when HAS_RESIDUAL)
+    Weight,  # [N] scale
+    Out,  # [T, N] normalised rows
+    Res_out,  # [T, N] x + residual, the next residual (written only when HAS_RESIDUAL)
+    stride_x, stride_r, stride_o, stride_ro,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next_pow2(N): the whole row in one tile
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    dtype = Out.dtype.element_ty
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(Residual + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)  # `residual + hidden` in the model dtype
+        tl.store(Res_out + row * stride_ro + offs, _cast(x, dtype), mask=mask)
+    var = tl.sum(x * x, axis=0) / N
+    y = _round(x * tl.math.rsqrt(var + eps), dtype)
+    w = tl.load(Weight + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + offs, _cast(w * y, dtype), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, N]
+):
+    """RMSNorm of x; with a residual, of (x + residual), returning (normed, x + residual).
+
+    The second form is the decoder layer's "add the sublayer's output to the residual
+    stream, then normalise": one kernel instead of an add plus a norm.
+    """
+    T, N = x.shape
+    assert x.stride(-1) == 1 and weight.shape == (N,)
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    res_out = out
+    if residual is not None:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+        res_out = torch.empty_like(out)
+    if T > 0:
+        BLOCK_N = triton.next_power_of_2(N)
+        r = residual if residual is not None else x
+        _rms_norm_kernel[(T,)](
+            x, r, weight, out, res_out,
+            x.stride(0), r.stride(0), out.stride(0), res_out.stride(0),
+            N, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N,
+            num_warps=min(16, max(1, BLOCK_N // 256)),
+        )
+    return out if residual is None else (out, res_out)
+
+
+def rms_norm_ref(x, weight, eps, residual=None):
+    """transformers' LlamaRMSNorm (after `residual + x` in the model dtype when a residual is given)."""
+    if residual is not None:
+        x = residual + x
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+# ----------------------------------------------------------------- q/k norm + rotary embedding
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    QKV,  # [T, >= (Hq + Hkv) * D] fused projection rows: q heads, then k heads, (then v); last dim contiguous
+    Cos,  # [T, ROT // 2] cos of each token's angles, in the model dtype
+    Sin,  # [T, ROT // 2] sin, same
+    Q_norm_w,  # [D] q_norm weight (read only when HAS_NORM)
+    K_norm_w,  # [D] k_norm weight (read only when HAS_NORM)
+    Q_out,  # [T, Hq, D] rotated queries, contiguous
+    K_out,  # [T, Hkv, D] rotated keys, contiguous
+    stride_t, stride_cos, stride_sin,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,  # rotary_dim // 2 (rotary_dim <= HEAD_DIM: partial rotary leaves the rest as is)
+    BLOCK_H: tl.constexpr,  # next_pow2(Hq + Hkv)
+    BLOCK_HALF: tl.constexpr,  # next_pow2(ROT_HALF)
+    BLOCK_REST: tl.constexpr,  # next_pow2(HEAD_DIM - 2 * ROT_HALF), 0 when rotary covers the head
+    HAS_NORM: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    dtype = Q_out.dtype.element_ty
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_HALF)
+    mask_h = offs_h < NUM_Q_HEADS + NUM_KV_HEADS
+    mask_c = offs_c < ROT_HALF
+    is_q = offs_h < NUM_Q_HEADS
+    mask = mask_h[:, None] & mask_c[None, :]
+    # the two rotated halves of every head: columns [0, ROT_HALF) and [ROT_HALF, 2 * ROT_HALF)
+    base = QKV + t * stride_t + offs_h[:, None] * HEAD_DIM + offs_c[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + ROT_HALF, mask=mask, other=0.0).to(tl.float32)
+    if BLOCK_REST > 0:
+        offs_r = tl.arange(0, BLOCK_REST)
+        mask_r = mask_h[:, None] & (offs_r < HEAD_DIM - 2 * ROT_HALF)[None, :]
+        rest_off = offs_h[:, None] * HEAD_DIM + 2 * ROT_HALF + offs_r[None, :]
+        x3 = tl.load(QKV + t * stride_t + rest_off, mask=mask_r, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if BLOCK_REST > 0:
+            ss += tl.sum(x3 * x3, axis=1)
+        r = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
+        wq1 = tl.load(Q_norm_w + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        wk1 = tl.load(K_norm_w + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        wq2 = tl.load(Q_norm_w + ROT_HALF + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        wk2 = tl.load(K_norm_w + ROT_HALF + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        x1 = _round(tl.where(is_q[:, None], wq1[None, :], wk1[None, :]) * _round(x1 * r, dtype), dtype)
+        x2 = _round(tl.where(is_q[:, None], wq2[None, :], wk2[None, :]) * _round(x2 * r, dtype), dtype)
+        if BLOCK_REST > 0:
+            mr = offs_r < HEAD_DIM - 2 * ROT_HALF
+            wq3 = tl.load(Q_norm_w + 2 * ROT_HALF + offs_r, mask=mr, other=0.0).to(tl.float32)
+            wk3 = tl.load(K_norm_w + 2 * ROT_HALF + offs_r, mask=mr, other=0.0).to(tl.float32)
+            x3 = _round(tl.where(is_q[:, None], wq3[None, :], wk3[None, :]) * _round(x3 * r, dtype), dtype)
+    cos = tl.load(Cos + t * stride_cos + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(Sin + t * stride_sin + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    o1 = _round(_round(x1 * cos, dtype) - _round(x2 * sin, dtype), dtype)
+    o2 = _round(_round(x2 * cos, dtype) + _round(x1 * sin, dtype), dtype)
+    # q heads go to Q_out[t, h], k heads to K_out[t, h - Hq]
+    is_k = mask_h & ~is_q
+    q_dst = Q_out + t * (NUM_Q_HEADS * HEAD_DIM) + offs_h[:, None] * HEAD_DIM + offs_c[None, :]
+    k_dst = K_out + t * (NUM_KV_HEADS * HEAD_DIM) + (offs_h[:, None] - NUM_Q_HEADS) * HEAD_DIM + offs_c[None, :]
+    mq = is_q[:, None] & mask_c[None, :]
+    mk = is_k[:, None] & mask_c[None, :]
+    tl.store(q_dst, o1.to(dtype), mask=mq)
+    tl.store(q_dst + ROT_HALF, o2.to(dtype), mask=mq)
+    tl.store(k_dst, o1.to(dtype), mask=mk)
+    tl.store(k_dst + ROT_HALF, o2.to(dtype), mask=mk)
+    if BLOCK_REST > 0:
+        q_rest = Q_out + t * (NUM_Q_HEADS * HEAD_DIM) + rest_off
+        k_rest = K_out + t * (NUM_KV_HEADS * HEAD_DIM) + rest_off - NUM_Q_HEADS * HEAD_DIM
+        rmask = offs_r < HEAD_DIM - 2 * ROT_HALF
+        tl.store(q_rest, x3.to(dtype), mask=is_q[:, None] & rmask[None, :])
+        tl.store(k_rest, x3.to(dtype), mask=is_k[:, None] & rmask[None, :])
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,  # [T, >= (Hq + Hkv) * D]: q heads, then k heads (v after them is not read)
+    cos: torch.Tensor,  # [T, rotary_dim // 2] (any middle singleton dims are squeezed), model dtype
+    sin: torch.Tensor,  # [T, rotary_dim // 2]
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_norm_weight: torch.Tensor | None = None,  # [D]: Qwen3's per-head RMSNorm before the rotation
+    k_norm_weight: torch.Tensor | None = None,  # [D]
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (and, given the weights, first RMS-normalised) q [T, Hq, D] and k [T, Hkv, D].
+
+    Neox-style rotation of the first rotary_dim = 2 * cos.shape[-1] channels of every head;
+    the remaining channels (partial rotary) pass through (normalised when HAS_NORM).
+    """
+    T = qkv.shape[0]
+    cos = cos.reshape(T, -1)
+    sin = sin.reshape(T, -1)
+    half = cos.shape[1]
+    assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and 2 * half <= head_dim
+    assert qkv.shape[1] >= (num_q_heads + num_kv_heads) * head_dim
+    q = torch.empty((T, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((T, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if T == 0:
+        return q, k
+    has_norm = q_norm_weight is not None
+    rest = head_dim - 2 * half
+    _qk_norm_rope_kernel[(T,)](
+        qkv, cos, sin,
+        q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
+        q, k,
+        qkv.stride(0), cos.stride(0), sin.stride(0),
+        eps,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROT_HALF=half,
+        BLOCK_H=triton.next_power_of_2(num_q_heads + num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 0,
+        HAS_NORM=has_norm,
+        num_warps=4,
+    )
+    return q, k
+
+
+def qk_norm_rope_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim,
+                     q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+    """PyTorch reference: transformers' Qwen3 q_norm/k_norm then apply_rotary_pos_emb."""
+    T = qkv.shape[0]
+    q = qkv[:, : num_q_heads * head_dim].reshape(T, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_kv_heads) * head_dim].reshape(T, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
+    cos = cos.reshape(T, 1, -1)
+    sin = sin.reshape(T, 1, -1)
+    rot = 2 * cos.shape[-1]
+
+    def rotate(x):
+        x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+# ------------------------------------------------------------------------------ SiLU and mul
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    X,  # [T, 2 * I] fused gate/up projection rows: gate = X[:, :I], up = X[:, I:]; last dim contiguous
+    Out,  # [T, I] silu(gate) * up, contiguous
+    stride_x,
+    I,
+    BLOCK: tl.constexpr,  # channels per program
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    dtype = Out.dtype.element_ty
+    g = tl.load(X + t * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + t * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _round(g / (1.0 + tl.exp(-g)), dtype)  # F.silu in the model dtype
+    tl.store(Out + t * I + offs, _cast(s * u, dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x [T, 2 * I] -> [T, I]
+    """silu(x[:, :I]) * x[:, I:], the SwiGLU MLP's activation on its fused gate/up output."""
+    T, two_i = x.shape
+    assert two_i % 2 == 0 and x.stride(-1) == 1
+    inter = two_i // 2
+    out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
+    if T > 0:
+        BLOCK = min(1024, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(T, triton.cdiv(inter, BLOCK))](x, out, x.stride(0), inter, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
