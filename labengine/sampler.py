@@ -12,7 +12,8 @@ Order of operations (vLLM v0.5.4, reference section 4), on each row of the batch
 8. float32 log_softmax: these *processed* logprobs are the ones returned,
 9. sample: greedy = argmax; random = ``argmax(probs / Exp(1))`` as vLLM on CUDA, or by
    inverse CDF (one uniform number per row) on CPU, where drawing a random number per
-   vocabulary entry would dominate the step (see Sampler's ``sampling_method``); the
+   vocabulary entry would dominate the step, or, on the Triton path, with our one-pass
+   sampling kernel (Gumbel-max, the same law; see Sampler's ``sampling_method``); the
    randomness comes from a per-request ``torch.Generator`` for seeded requests (so they do
    not depend on the rest of the batch), from the global RNG otherwise; beam search takes
    the top ``2 * beam_width`` candidates.
@@ -287,21 +288,37 @@ class Sampler:
             vocabulary entry (cheap on a GPU); "inverse_cdf" draws one uniform number per
             row and finds it in the cumulative distribution (on CPU the random numbers
             dominate the sampler's time, so this is 3-5x faster there); "auto" (default)
-            picks "exponential" on CUDA and "inverse_cdf" elsewhere. The same seed gives
-            different tokens under the two methods.
+            picks "kernel" when given ``kernels``, else "exponential" on CUDA and
+            "inverse_cdf" elsewhere. "kernel" is ``labengine.kernels.sample``: greedy and
+            random rows in one pass over the logits (Gumbel-max with in-kernel random
+            numbers; temperature applied in the kernel when nothing before it needs the
+            scaled logits). The same seed gives different tokens under different methods.
+        kernels: ``labengine.kernels`` on the Triton path (the engine passes it), else None.
     """
 
-    SAMPLING_METHODS = ("auto", "exponential", "inverse_cdf")
+    SAMPLING_METHODS = ("auto", "exponential", "inverse_cdf", "kernel")
 
-    def __init__(self, vocab_size: int, eos_token_ids=None, sampling_method: str = "auto") -> None:
+    def __init__(self, vocab_size: int, eos_token_ids=None, sampling_method: str = "auto",
+                 kernels=None) -> None:
         if sampling_method not in self.SAMPLING_METHODS:
             raise ValueError(f"sampling_method must be one of {self.SAMPLING_METHODS}, "
                              f"got {sampling_method!r}.")
+        if sampling_method == "kernel" and kernels is None:
+            raise ValueError("sampling_method='kernel' needs the Triton kernels (kernels=labengine.kernels), "
+                             "which the engine passes on the Triton attention backend")
         self.sampling_method = sampling_method
+        self.kernels = kernels
         self.vocab_size = vocab_size
         if isinstance(eos_token_ids, int):
             eos_token_ids = [eos_token_ids]
         self.eos_token_ids: set[int] = set(eos_token_ids or ())
+
+    def method_for(self, device: torch.device) -> str:
+        if self.sampling_method != "auto":
+            return self.sampling_method
+        if self.kernels is not None:
+            return "kernel"
+        return "exponential" if device.type == "cuda" else "inverse_cdf"
 
     # ------------------------------------------------------------------ main entry
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata
@@ -340,6 +357,7 @@ class Sampler:
         pen_r: list[float] = []
         prompt_lp_rows: list[int] = []
         prompt_lp_targets: list[int] = []
+        want_log_softmax = False  # some row's logprobs come from the full log_softmax
 
         for g in groups:
             params = g.seq_group.sampling_params
@@ -363,6 +381,8 @@ class Sampler:
                 for r in rows:
                     min_ps[r] = params.min_p
                 min_p_rows.extend(rows)
+            if params.logprobs is not None or stype == SamplingType.BEAM or g.prompt_logprob_rows:
+                want_log_softmax = True
             if g.prompt_logprob_rows:
                 prompt_ids = g.seq_group.prompt_token_ids
                 n_pr = len(g.prompt_logprob_rows)
@@ -427,10 +447,15 @@ class Sampler:
                 to_device(pen_f, logits.dtype, device),
                 to_device(pen_r, logits.dtype, device)))
 
-        # ---- 5. Temperature.
+        # ---- 5. Temperature (left to the sampling kernel when nothing before it needs it).
+        kernel_temps = None
         if any_temp:
-            logits = logits / to_device(temps, logits.dtype, device).unsqueeze(1)
-            owned = True
+            if (self.method_for(device) == "kernel" and not trunc_rows and not min_p_rows
+                    and not want_log_softmax):
+                kernel_temps = temps
+            else:
+                logits = logits / to_device(temps, logits.dtype, device).unsqueeze(1)
+                owned = True
 
         # ---- 6. top-k / top-p, 7. min-p (only on the rows that ask for them).
         if trunc_rows:
@@ -449,12 +474,12 @@ class Sampler:
                 to_device([min_ps[r] for r in min_p_rows], logits.dtype, device)))
 
         # ---- 8./9. The processed distribution, and the samples.
-        return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets)
+        return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets, kernel_temps)
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, groups: list[SequenceGroupToSample], logits: torch.Tensor,
-                prompt_lp_rows: list[int], prompt_lp_targets: list[int]
-                ) -> list[SequenceGroupOutput]:
+                prompt_lp_rows: list[int], prompt_lp_targets: list[int],
+                kernel_temps: Optional[list[float]] = None):
         """Samples from the processed logits.
 
         The full float32 log_softmax is computed only for the rows that need it (greedy
@@ -462,9 +487,13 @@ class Sampler:
         row of a request without logprobs only needs its softmax: the sampled token's
         logprob is log(p) of that token. Which way a row goes depends only on its own
         request, never on the rest of the batch.
+
+        With the "kernel" method one kernel draws every greedy and random sample and gives
+        its logprob; kernel_temps (per row) are temperatures it still has to apply.
         """
         num_rows, vocab = logits.shape
         device = logits.device
+        use_kernel = self.method_for(device) == "kernel"
 
         # Plan the non-beam samples: one per sample row, or best_of from the single row at
         # the group's first step. Per sample: group, parent seq id, source row.
@@ -486,7 +515,7 @@ class Sampler:
                 beam_groups.append(gi)
                 full_rows.update(g.sample_rows)
                 continue
-            full = stype == SamplingType.GREEDY or params.logprobs is not None
+            full = (stype == SamplingType.GREEDY and not use_kernel) or params.logprobs is not None
             if full:
                 full_rows.update(g.sample_rows)
             if (stype != SamplingType.GREEDY and g.is_prompt and params.best_of > 1
@@ -524,7 +553,10 @@ class Sampler:
         n_ns = len(ns_src)
         ns_tokens = torch.empty(n_ns, dtype=torch.long, device=device)
         ns_logprob = torch.empty(n_ns, dtype=torch.float32, device=device)
-        if rand_pos:
+        if use_kernel and n_ns:
+            ns_tokens, ns_logprob = self._kernel_sample(logits, ns_src, greedy_pos, seeded, rand_pos,
+                                                        kernel_temps)
+        elif rand_pos:
             rsrc = [ns_src[p] for p in rand_pos]
             x = _select_rows(logits, rsrc)
             # Unnormalised probabilities exp(x - max): sampling does not need the softmax's
@@ -540,7 +572,7 @@ class Sampler:
                 rp = to_device(rand_pos, torch.long, device)
                 ns_tokens[rp] = rtok
                 ns_logprob[rp] = rlp
-        if greedy_pos:
+        if greedy_pos and not use_kernel:
             gl = _select_rows(logprobs, [lsm_index[ns_src[p]] for p in greedy_pos])
             gtok = gl.argmax(dim=-1)
             if len(greedy_pos) == n_ns:
@@ -642,7 +674,8 @@ class Sampler:
 
         # Start the results' copies to the host now, so they are queued on the stream before
         # any later step's work (async scheduling launches the next step before finish()).
-        results = [ns_tokens if n_ns else None, ns_logprob if rand_pos else None, sel_t, rank_all, rank_some,
+        have_light = bool(rand_pos) or (use_kernel and n_ns > 0)  # ns_logprob holds every sample's logprob
+        results = [ns_tokens if n_ns else None, ns_logprob if have_light else None, sel_t, rank_all, rank_some,
                    p_sel_t, p_rank_t, tv, ti]
         ready = None
         if device.type == "cuda":
@@ -656,7 +689,7 @@ class Sampler:
                 ready.synchronize()  # waits for this step only, not for steps launched after it
             h_tokens, h_logprob, h_sel, h_rank_all, h_rank_some, h_p_sel, h_p_rank, h_tv, h_ti = results
             token_list = h_tokens.tolist() if n_ns else []
-            light_list = h_logprob.tolist() if rand_pos else []
+            light_list = h_logprob.tolist() if have_light else []
             sel_list = h_sel.tolist() if h_sel is not None else []
             rank_list: list[Optional[int]] = [None] * len(sel_rows)
             if h_rank_all is not None:
@@ -715,15 +748,35 @@ class Sampler:
 
         return finish, ns_tokens
 
+    def _kernel_sample(self, logits, ns_src, greedy_pos, seeded, rand_pos, kernel_temps):
+        """Every non-beam sample in one launch of labengine.kernels.sample; returns its
+        (tokens, logprobs). Seeds are drawn on the host (no device work): a seeded request's
+        from its own CPU generator, the others' from the global RNG (torch.manual_seed)."""
+        n = len(ns_src)
+        device = logits.device
+        temps = [1.0] * n if kernel_temps is None else [kernel_temps[r] for r in ns_src]
+        for p in greedy_pos:
+            temps[p] = 0.0
+        base_seed = int(torch.randint(0, 2**30, (1,)))
+        seeds = None
+        if seeded:
+            seeds = [base_seed + p for p in range(n)]
+            for start, count, seq_group in seeded:
+                draws = torch.randint(0, 2**30, (count,), generator=get_generator(seq_group, "cpu")).tolist()
+                for i, d in enumerate(draws):
+                    seeds[rand_pos[start + i]] = d
+            seeds = to_device(seeds, torch.int64, device)
+        rows = None if ns_src == list(range(n)) else to_device(ns_src, torch.int64, device)
+        return self.kernels.sample(logits, to_device(temps, torch.float32, device), rows=rows, seeds=seeds,
+                                   base_seed=base_seed)
+
     def _random(self, weights: torch.Tensor, seeded, device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws one token per row from ``weights`` (unnormalised probabilities; consumed),
         with the global RNG, or with the request's own generator for the rows of seeded
         requests (a seeded request draws the same amount of randomness every step,
         whatever else is in the batch). Returns (tokens, row sums of the weights)."""
-        method = self.sampling_method
-        if method == "auto":
-            method = "exponential" if weights.device.type == "cuda" else "inverse_cdf"
+        method = self.method_for(weights.device)
         # (an accurate sum for the logprobs; the running cumsum below accumulates error)
         total = weights.sum(dim=-1, keepdim=True)
         if method == "exponential":

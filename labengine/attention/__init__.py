@@ -40,6 +40,7 @@ class AttentionBackend:
     """Interface; see ARCHITECTURE.md. Subclasses implement the three methods."""
 
     name = "base"
+    kernels = None  # labengine.kernels on the Triton path: the models' fused layer kernels, the sampler's kernel
 
     def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
         raise NotImplementedError

@@ -63,6 +63,7 @@ def kernels_interpreted() -> bool:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    kernels = kernels
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type != "cuda" and not kernels_interpreted():

@@ -72,10 +72,9 @@ def use_fused_kernels(model: nn.Module, attn_backend) -> None:
     The PyTorch path (any device) keeps plain PyTorch ops: it is the reference the kernels
     are tested against. Modules opt in with a class attribute `kernels = None`.
     """
-    if getattr(attn_backend, "name", None) != "triton":
+    kernels = getattr(attn_backend, "kernels", None)
+    if kernels is None:
         return
-    from labengine.attention.triton_backend import kernels
-
     for module in model.modules():
         if hasattr(type(module), "kernels"):
             module.kernels = kernels
