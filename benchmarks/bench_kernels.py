@@ -214,7 +214,8 @@ def decode_section(rows, copy_bw, B, ctx, sweep, target, with_sdpa):
 
 
 # (splits, BLOCK_N, warps, stages) tried with --sweep, each in both grid orders
-SWEEP_BIG = [(1, 64, 4, 2), (2, 32, 4, 2)]
+SWEEP_BIG = [(1, 64, 4, 2), (2, 32, 4, 2), (1, 32, 4, 3), (1, 32, 4, 4), (1, 64, 4, 3), (1, 128, 4, 2),
+             (1, 128, 8, 2), (1, 64, 8, 2), (1, 16, 4, 4), (2, 64, 4, 2), (4, 64, 4, 2)]
 SWEEP_SMALL = [(64, 64, 4, 2), (32, 128, 4, 4), (128, 128, 4, 2)]
 
 

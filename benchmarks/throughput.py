@@ -122,6 +122,13 @@ def run_labengine(llm, prompts, outputs):
     sync()
     dt = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == outputs
+    engine = llm.llm_engine
+    layer = engine.model_runner.model.model.layers[0]
+    print(f"  (attention {engine.model_runner.attn_backend.name}, fused layer kernels "
+          f"{'on' if getattr(layer.mlp, 'kernels', None) is not None else 'off'}, sampler "
+          f"{engine.sampler.method_for(engine.model_runner.device)}, async scheduling "
+          f"{'on' if engine.async_scheduling else 'off'}, CUDA graphs {'on' if engine.model_runner.graphs else 'off'})",
+          flush=True)
     return dt
 
 
@@ -266,6 +273,10 @@ def main():
     ap.add_argument("--analyze", action="store_true")
     ap.add_argument("--compare-sync", action="store_true",
                     help="also time labengine with async_scheduling=False (the effect of the overlap)")
+    ap.add_argument("--ablate", default="",
+                    help="comma list of labengine runs with one optimisation switched off, timed after the main run: "
+                         "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
+                         "sampling_kernel (the PyTorch sampler)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", default=None, help="with --analyze: write cProfile's top functions here")
     args = ap.parse_args()
@@ -316,6 +327,15 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         with open(args.profile, "w") as f:
             f.write(buf.getvalue())
     del llm
+    for what in filter(None, args.ablate.split(",")):
+        free_memory()
+        with ablated(what):
+            llm = make_llm(path, 2048 if not args.smoke else 128)
+            key = f"labengine without {what}"
+            results[key] = run_labengine(llm, prompts, outputs)
+        counted[key] = total_out
+        print(f"{key}: {results[key]:.2f} s", flush=True)
+        del llm
     if args.compare_sync:
         free_memory()
         llm = make_llm(path, 2048 if not args.smoke else 128, async_scheduling=False)
@@ -325,6 +345,34 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         if args.analyze:
             analyze_labengine(llm, prompts, outputs)
         del llm
+
+
+class ablated:
+    """Build the engine with one optimisation off (a benchmark-only switch, for measuring it):
+    "fused_layers": the models keep PyTorch's norm/rotary/SiLU ops on the Triton path;
+    "sampling_kernel": the sampler uses its PyTorch methods."""
+
+    def __init__(self, what):
+        if what not in ("fused_layers", "sampling_kernel"):
+            raise SystemExit(f"--ablate {what!r}: allowed: fused_layers, sampling_kernel")
+        self.what = what
+
+    def __enter__(self):
+        import labengine.llm_engine as le
+        import labengine.models.llama as llama
+
+        self.saved = (llama.use_fused_kernels, le.Sampler)
+        if self.what == "fused_layers":
+            llama.use_fused_kernels = lambda model, backend: None
+        else:
+            base = le.Sampler
+            le.Sampler = lambda *a, kernels=None, **kw: base(*a, **kw)
+
+    def __exit__(self, *exc):
+        import labengine.llm_engine as le
+        import labengine.models.llama as llama
+
+        llama.use_fused_kernels, le.Sampler = self.saved
 
 
 def run_baselines(args, path, prompts, outputs, results, counted):
