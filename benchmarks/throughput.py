@@ -136,7 +136,7 @@ def analyze_labengine(llm, prompts, outputs):
     """Run the workload again step by step, with the trace and CUDA events per step."""
     engine = llm.llm_engine
     runner = engine.model_runner
-    marks = []  # [is_decode, start event, end event] per step, in launch order
+    marks = []  # [is_decode, start event, end event, batch size] per step, in launch order
     sampler = engine.sampler
 
     def event():
@@ -151,7 +151,7 @@ def analyze_labengine(llm, prompts, outputs):
     # where it ends (after its last sampling kernel): their GPU timestamps bound its work,
     # and a later start minus an earlier end is time the GPU had nothing of ours to run.
     def execute_model(out, tables, timings, pending=None):
-        marks.append([not out.is_prefill, event(), None])
+        marks.append([not out.is_prefill, event(), None, out.num_batched_tokens])
         return orig_exec(out, tables, timings, pending)
 
     def launch(logits, smeta):
@@ -189,13 +189,22 @@ def analyze_labengine(llm, prompts, outputs):
             print(f"decode, batch {lo}-{hi} | {len(sel)} | {sel.latency_s.sum():.2f} | "
                   + " | ".join(f"{1e3 * sel[p].mean():.3f}" for p in parts))
     if DEV == "cuda":
-        busy = [s.elapsed_time(e) for _, s, e in marks]
-        gaps = [max(0.0, marks[i][2].elapsed_time(marks[i + 1][1])) for i in range(len(marks) - 1)
-                if marks[i][0] and marks[i + 1][0]]
-        dec_busy = sum(b for (d, _, _), b in zip(marks, busy) if d)
-        print(f"GPU idle between decode steps: {sum(gaps) / 1e3:.2f} s of {(sum(gaps) + dec_busy) / 1e3:.2f} s "
-              f"= {100 * sum(gaps) / (sum(gaps) + dec_busy):.1f}% (median gap {statistics.median(gaps):.3f} ms, "
-              f"median decode step busy {statistics.median(b for (d, _, _), b in zip(marks, busy) if d):.3f} ms)")
+        busy = [s.elapsed_time(e) for _, s, e, _ in marks]
+        # (gap before decode step i+1, its batch size) for consecutive decode steps
+        gaps = [(max(0.0, marks[i][2].elapsed_time(marks[i + 1][1])), marks[i + 1][3])
+                for i in range(len(marks) - 1) if marks[i][0] and marks[i + 1][0]]
+        dec = [(b, m[3]) for m, b in zip(marks, busy) if m[0]]
+        idle, dec_busy = sum(g for g, _ in gaps), sum(b for b, _ in dec)
+        print(f"GPU idle between decode steps: {idle / 1e3:.2f} s of {(idle + dec_busy) / 1e3:.2f} s "
+              f"= {100 * idle / (idle + dec_busy):.1f}% (median gap {statistics.median(g for g, _ in gaps):.3f} ms, "
+              f"median decode step busy {statistics.median(b for b, _ in dec):.3f} ms)")
+        for lo, hi in ((129, 256), (33, 128), (1, 32)):
+            g = [x for x, n in gaps if lo <= n <= hi]
+            b = [x for x, n in dec if lo <= n <= hi]
+            if b:
+                print(f"  batch {lo}-{hi}: {len(b)} steps, busy {sum(b) / 1e3:.2f} s (median {statistics.median(b):.3f} ms), "
+                      f"idle {sum(g) / 1e3:.2f} s ({100 * sum(g) / (sum(g) + sum(b)):.1f}%), "
+                      f"gaps > 0.1 ms: {sum(x > 0.1 for x in g)}")
     return st
 
 

@@ -5,7 +5,7 @@ exact draw from softmax(x / T). It is the same law as vLLM's argmax(probs / q), 
 (take logs: q = -log u), without ever forming probs: each program streams its row once,
 keeping a running maximum and sum of exp for the log-sum-exp (the sampled token's logprob)
 and the running best noisy score. The uniform numbers come from Philox inside the kernel
-(`tl.rand(seed, column)`), so no [rows, vocab] random tensor is written and read back.
+(`tl.rand4x`: four numbers per call), so no [rows, vocab] random tensor is written and read back.
 Greedy rows (temperature 0) take the first maximal logit, as torch.argmax does.
 
 In PyTorch the same step is ~8 passes over [rows, vocab] float32 (scale, max, exp, sum, a
@@ -30,6 +30,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _update(x, u, valid, greedy, base, m, total, best, best_x, best_i, QUARTER: tl.constexpr):
+    """Fold one quarter-chunk (x: QUARTER scaled logits starting at vocabulary index `base`,
+    u: their uniform numbers) into the running state (max, sum of exp, best score, its x, index)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # nothing finite yet: keep total at 0
+    total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    score = x
+    if not greedy:
+        score = x - tl.log(-tl.log(u))  # Gumbel noise; u = 0 gives -inf: never chosen
+    score = tl.where(valid, score, NEG_INF)
+    c_best = tl.max(score, 0)
+    c_i = tl.argmax(score, 0)  # first maximal entry
+    c_x = tl.sum(tl.where(tl.arange(0, QUARTER) == c_i, x, 0.0), 0)
+    take = c_best > best  # strict: an earlier entry wins ties, as torch.argmax
+    best_x = tl.where(take, c_x, best_x)
+    best_i = tl.where(take, base + c_i.to(tl.int64), best_i)
+    return m_new, total, tl.maximum(best, c_best), best_x, best_i
+
+
+@triton.jit
 def _sample_kernel(
     Logits,  # [R, V] processed logits (any float dtype), last dim contiguous
     Rows,  # [S] int64 row of Logits that sample s draws from
@@ -41,8 +62,9 @@ def _sample_kernel(
     V,
     base_seed,  # seed of sample s = base_seed + s when there are no Seeds
     HAS_SEEDS: tl.constexpr,
-    BLOCK_V: tl.constexpr,  # vocabulary entries per chunk
+    BLOCK_V: tl.constexpr,  # vocabulary entries per chunk: four quarters, one Philox call
 ):
+    QUARTER: tl.constexpr = BLOCK_V // 4
     s = tl.program_id(0)
     row = tl.load(Rows + s)
     temp = tl.load(Temps + s)
@@ -59,28 +81,24 @@ def _sample_kernel(
     best = tl.full([], NEG_INF, tl.float32)  # best score so far (x, plus noise when random)
     best_x = tl.full([], NEG_INF, tl.float32)  # x at the best score
     best_i = tl.zeros([], tl.int64)
+    offs = tl.arange(0, QUARTER)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        # x / T rounded as torch's division rounds it (a product with 1 / T can differ in
-        # the last bit), so scaling here or in the sampler beforehand gives the same samples
-        x = tl.math.div_rn(tl.load(ptr + cols, mask=mask, other=NEG_INF).to(tl.float32), temp)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # nothing finite yet: keep total at 0
-        total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-        m = m_new
-        score = x
-        if not greedy:
-            u = tl.rand(seed, cols)
-            score = x - tl.log(-tl.log(u))  # u = 0 gives -inf: never chosen
-        score = tl.where(mask, score, NEG_INF)
-        c_best = tl.max(score, 0)
-        c_i = tl.argmax(score, 0)  # first maximal entry of the chunk
-        c_x = tl.sum(tl.where(tl.arange(0, BLOCK_V) == c_i, x, 0.0), 0)
-        take = c_best > best  # strict: an earlier chunk wins ties, as torch.argmax
-        best_x = tl.where(take, c_x, best_x)
-        best_i = tl.where(take, v0 + c_i.to(tl.int64), best_i)
-        best = tl.maximum(best, c_best)
+        # One Philox call gives four uniform numbers per counter: a quarter-chunk each
+        # (Philox is the kernel's costliest arithmetic; rand4x quarters it).
+        if greedy:  # no noise needed
+            u0 = tl.zeros([QUARTER], tl.float32)
+            u1, u2, u3 = u0, u0, u0
+        else:
+            u0, u1, u2, u3 = tl.rand4x(seed, v0 // 4 + offs)
+        for q in tl.static_range(4):
+            cols = v0 + q * QUARTER + offs
+            valid = cols < V
+            # x / T rounded as torch's division rounds it (a product with 1 / T can differ
+            # in the last bit), so scaling here or in the sampler beforehand gives the same samples
+            x = tl.math.div_rn(tl.load(ptr + cols, mask=valid, other=NEG_INF).to(tl.float32), temp)
+            u = u0 if q == 0 else (u1 if q == 1 else (u2 if q == 2 else u3))
+            m, total, best, best_x, best_i = _update(x, u, valid, greedy, v0 + q * QUARTER, m, total, best,
+                                                     best_x, best_i, QUARTER)
     tl.store(Tokens + s, best_i)
     tl.store(Logprobs + s, best_x - m - tl.log(total))
 
@@ -110,7 +128,7 @@ def sample(
     logprobs = torch.empty(S, dtype=torch.float32, device=device)
     if S == 0:
         return tokens, logprobs
-    block = min(block_v, triton.next_power_of_2(V))
+    block = max(4, min(block_v, triton.next_power_of_2(V)))
     _sample_kernel[(S,)](
         logits, rows, temperatures, seeds if seeds is not None else rows, tokens, logprobs,
         logits.stride(0), V, int(base_seed) % (2**30),

@@ -86,6 +86,20 @@ class OutputProcessor:
                                samples: list[SequenceOutput]) -> None:
         seq_group = sg.seq_group
         params = seq_group.sampling_params
+        if len(samples) == 1 and len(sg.seq_ids) == 1 and not params.use_beam_search:
+            # The common case (one running sequence, one sample): append, check stops, and
+            # free the blocks of a sequence that just finished; the same rules as below.
+            seq = seq_group.seqs_dict.get(sg.seq_ids[0])
+            sample = samples[0]
+            if seq is not None and not seq.is_finished() and sample.parent_seq_id == seq.seq_id:
+                seq.append_token_id(sample.output_token, sample.logprobs, sample.logprob)
+                new_char_count = 0
+                if params.detokenize and self.detokenizer is not None:
+                    new_char_count = self.detokenizer.decode_sequence_inplace(seq, params)
+                self.stop_checker.maybe_stop_sequence(seq, new_char_count, params)
+                if seq.is_finished():
+                    self.scheduler.free_seq(seq)
+                return
         parent_seqs = [seq_group.seqs_dict[sid] for sid in sg.seq_ids
                        if sid in seq_group.seqs_dict
                        and not seq_group.seqs_dict[sid].is_finished()]

@@ -332,8 +332,6 @@ class Sampler:
         for the results and builds the outputs, `tokens` (one per sample, in order, still on
         the device) can feed the next step before then. Only beam search syncs in here."""
         groups = metadata.groups
-        if logits.dtype != torch.float32:
-            logits = logits.float()
         num_rows, vocab = logits.shape
         device = logits.device
         owned = False  # whether `logits` is our own copy (safe to modify in place)
@@ -412,6 +410,14 @@ class Sampler:
                     pen_p.append(params.presence_penalty)
                     pen_f.append(params.frequency_penalty)
                     pen_r.append(params.repetition_penalty)
+
+        # Everything below computes in float32 (the model's logits may be bf16/fp16); only
+        # the sampling kernel, when nothing else touches the logits, reads them as they are.
+        if logits.dtype != torch.float32 and (
+                proc_work or mask_rows or pen_rows or trunc_rows or min_p_rows or want_log_softmax
+                or self.method_for(device) != "kernel"):
+            logits = logits.float()
+            owned = True
 
         # ---- 2. Logits processors (per request, per row: they are arbitrary Python).
         if proc_work:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("labengine")
@@ -38,12 +39,15 @@ class Counter:
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.tensor(data) on `device` without a host sync: on CUDA through pinned memory with
+    """torch.tensor(data) (a list or a numpy array) on `device` without a host sync: on CUDA through pinned memory with
     non_blocking=True (a plain copy from pageable memory waits for the whole stream to drain,
     which would stall the host behind the GPU). PyTorch's pinned-memory cache keeps the
     buffer until the copy has run."""
+    host = torch.from_numpy(data).to(dtype) if isinstance(data, np.ndarray) else None
     if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
+        return host if host is not None else torch.tensor(data, dtype=dtype, device=device)
+    if host is not None:
+        return host.pin_memory().to(device, non_blocking=True)
     return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 

@@ -637,3 +637,20 @@ def test_beam_later_step_top_2w_over_cumulative_plus_next():
     assert out.samples[1].logprob == pytest.approx(flat, abs=1e-6)
     assert [c[0] for c in cands[:4]] == pytest.approx(
         [(-2.0 if s.parent_seq_id == 1 else -0.1) + s.logprob for s in out.samples], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_logits_are_sampled_in_float32(method):
+    """Models return logits in their own dtype; every method samples from their float32 values."""
+    torch.manual_seed(4)
+    logits = (torch.randn(2, V) * 3).to(torch.bfloat16)
+    greedy = make_group(SamplingParams(temperature=0), seq_id=0)
+    rand = make_group(SamplingParams(temperature=0.7, seed=1), seq_id=1, rid="1")
+    meta, _ = build([greedy, rand])
+    out = make_sampler(method)(logits, meta)
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    g = out[0].samples[0]
+    assert g.output_token == int(logits[0].float().argmax())
+    assert g.logprob == pytest.approx(float(ref[0, g.output_token]), abs=1e-5)
+    r = out[1].samples[0]
+    assert r.logprob == pytest.approx(float(torch.log_softmax(logits[1].float() / 0.7, -1)[r.output_token]), abs=1e-5)

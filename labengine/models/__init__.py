@@ -5,7 +5,8 @@ target device and dtype, loads the checkpoint and returns it in eval mode with g
 off. Every model has the flattened-token interface of ARCHITECTURE.md:
 
     model(input_ids [T] int64, positions [T] int64, kv_caches, meta) -> hidden [T, H]
-    model.compute_logits(hidden [N, H]) -> logits [N, V] float32
+    model.compute_logits(hidden [N, H]) -> logits [N, V] in the model's dtype (as vLLM and
+        transformers; the sampler computes in float32)
     model.load_weights(iterable of (hf_name, tensor))
     model.num_layers, model.num_kv_heads, model.head_size   (to size the KV cache)
 """

@@ -210,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)  # model dtype; the sampler upcasts where it computes
 
     def load_weights(self, weights):
         def rename(name):
