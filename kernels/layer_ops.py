@@ -41,7 +41,9 @@ def _round(x, DTYPE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     else:
-        return x.to(DTYPE).to(tl.float32)
+        # an explicit rounding mode: a plain fp32 -> fp16 -> fp32 round trip may be folded
+        # away by the compiler, losing the rounding transformers' fp16 ops perform
+        return x.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
 
 
 @triton.jit
