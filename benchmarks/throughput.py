@@ -20,9 +20,11 @@ each step's GPU work begins (first launch) and ends (the sampled tokens are back
 """
 import argparse
 import contextlib
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -298,20 +300,39 @@ def main():
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # internal: the baselines' process
+    ap.add_argument("--results-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help="with --analyze: write cProfile's top functions here")
     args = ap.parse_args()
     cfg = SMOKE if args.smoke else QWEN3_0_6B
     prompts, outputs = workload(16, 8, 40) if args.smoke else workload(args.num_seqs)
     total_out = sum(outputs)
-    path = tempfile.mkdtemp() + "/qwen3-0.6b-random"
-    weight_bytes = make_model(path, cfg)
+    path = args.model_path or tempfile.mkdtemp() + "/qwen3-0.6b-random"
+    weight_bytes = make_model(path, cfg) if args.model_path is None else 0
+    results, counted = {}, {}
+    if args.results_json:  # the baselines' own process (below): run them, report, exit
+        run_baselines(args, path, prompts, outputs, results, counted)
+        with open(args.results_json, "w") as f:
+            json.dump(dict(results=results, counted=counted), f)
+        return
     bw = copy_bandwidth()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s; {len(prompts)} requests, "
           f"{sum(map(len, prompts))} prompt / {total_out} output tokens; weights {weight_bytes / 1e9:.2f} GB",
           flush=True)
-    results, counted = {}, {}
-    run_baselines(args, path, prompts, outputs, results, counted)  # first: they free their memory
+    if args.baselines.strip() and args.baselines != "none":
+        # transformers runs in a process of its own: when it exits, all of its GPU memory is
+        # back (a stopped continuous-batching manager keeps its cache alive in-process, and an
+        # engine sized after it got a third of its usual KV cache: measured 2026-11-28).
+        out_json = os.path.join(tempfile.mkdtemp(), "baselines.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--skip-labengine", "--model-path", path,
+               "--results-json", out_json, "--baselines", args.baselines, "--hf-batch-size", str(args.hf_batch_size),
+               "--hf-max-seconds", str(args.hf_max_seconds), "--num-seqs", str(args.num_seqs)]
+        subprocess.run(cmd + (["--smoke"] if args.smoke else []), check=True)
+        with open(out_json) as f:
+            got = json.load(f)
+        results.update(got["results"])
+        counted.update(got["counted"])
     if not args.skip_labengine:
         run_engine_part(args, path, prompts, outputs, results, counted)
     results = {k: results[k] for k in sorted(results, key=lambda k: k != "labengine")}
