@@ -29,7 +29,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# base_seed changes every step: without do_not_specialize Triton would compile a variant the
+# first time it is divisible by 16 (or equals 1), a ~0.5 s stall in the middle of a run
+@triton.jit(do_not_specialize=["base_seed"])
 def _sample_kernel(
     Logits,  # [R, V] processed logits (any float dtype), last dim contiguous
     Rows,  # [S] int64 row of Logits that sample s draws from
