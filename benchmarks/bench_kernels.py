@@ -12,7 +12,7 @@ Prints one table of ratios (the machines are noisy; every baseline is measured h
   * prefill attention (informational): TFLOP/s vs SDPA causal on contiguous tensors
 Every input is random (never zeros), and each timed kernel's output is checked against
 SDPA / the reference on the same inputs before its time is reported.
---sweep also times a few tiling variants (KV heads per program, splits, BLOCK_N, warps, stages) of the decode
+--sweep also times a few tiling variants (splits, BLOCK_N, warps, stages) of the decode
 kernel and reports the best next to the launcher's default choice.
 """
 from __future__ import annotations
@@ -146,9 +146,6 @@ def decode_section(rows, copy_bw, B, ctx, sweep, target, with_sdpa):
         variants += [(f"S={s} BN={bn} w={nw} st={ns} hf={int(hf)}",
                       dict(num_splits=s, block_n=bn, num_warps=nw, num_stages=ns, head_fastest=hf))
                      for s, bn, nw, ns in (SWEEP_BIG if B >= 16 else SWEEP_SMALL) for hf in (False, True)]
-        variants += [(f"HPP={h} S={s} BN={bn} w={nw} st={ns}",
-                      dict(heads_per_program=h, num_splits=s, block_n=bn, num_warps=nw, num_stages=ns))
-                     for h, s, bn, nw, ns in (SWEEP_HPP_BIG if B >= 16 else SWEEP_HPP_SMALL)]
     results = []
     warm = True
     for name, kw in variants:
@@ -225,10 +222,6 @@ def decode_section(rows, copy_bw, B, ctx, sweep, target, with_sdpa):
 # (splits, BLOCK_N, warps, stages) tried with --sweep, each in both grid orders
 SWEEP_BIG = [(1, 64, 4, 2), (2, 32, 4, 2), (1, 32, 4, 3), (1, 32, 4, 4), (1, 64, 4, 3), (1, 128, 4, 2),
              (1, 128, 8, 2), (1, 64, 8, 2), (1, 16, 4, 4), (2, 64, 4, 2), (4, 64, 4, 2)]
-# (KV heads per program, splits, BLOCK_N, warps, stages), KV-head-fastest grid
-SWEEP_HPP_BIG = [(2, 1, 32, 4, 2), (2, 2, 32, 4, 2), (2, 1, 64, 4, 2), (2, 2, 16, 4, 3), (2, 1, 32, 8, 2),
-                 (4, 4, 16, 4, 2), (4, 2, 16, 4, 3), (4, 4, 16, 8, 2), (4, 2, 32, 8, 2), (8, 8, 16, 8, 2)]
-SWEEP_HPP_SMALL = [(2, 64, 32, 4, 2), (2, 128, 32, 4, 2), (4, 128, 16, 4, 2)]
 SWEEP_SMALL = [(64, 64, 4, 2), (32, 128, 4, 4), (128, 128, 4, 2)]
 
 

@@ -71,23 +71,22 @@ def _decode_stage1_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,  # next_pow2(HPP * GROUP), at least 16 (tl.dot needs M >= 16)
+    BLOCK_H: tl.constexpr,  # next_pow2(GROUP), at least 16 (tl.dot needs M >= 16)
     BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM)
     PAGE_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # keys per tile, a multiple of PAGE_SIZE
     NUM_SPLITS: tl.constexpr,
     DOT_IEEE: tl.constexpr,  # exact fp32 dots (fp32 inputs, or any input in the interpreter)
-    HEAD_FASTEST: tl.constexpr,  # grid (Hkv / HPP, B, S) instead of (B, Hkv / HPP, S)
-    HPP: tl.constexpr,  # KV heads per program (1, or more for longer contiguous reads)
+    HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, S) instead of (B, Hkv, S)
 ):
     if HEAD_FASTEST:
         # the KV heads of one sequence run side by side and read neighbouring bytes of
         # the same cache rows ([block, token, Hkv, D]) at about the same time
-        kvh0 = tl.program_id(0) * HPP
+        kvh = tl.program_id(0)
         b = tl.program_id(1)
     else:
         b = tl.program_id(0)
-        kvh0 = tl.program_id(1) * HPP
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(Seq_lens + b)
@@ -96,44 +95,34 @@ def _decode_stage1_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    # Rows: the HPP * GROUP query heads of this program (row r belongs to KV head r // GROUP).
-    # Columns: HPP head slots of BLOCK_D channels (column c is channel c % BLOCK_D of KV head
-    # c // BLOCK_D), so one K/V tile row is the HPP heads' contiguous bytes of one token.
-    # Each query row is zero outside its own head's columns, so q . K^T sums over its own
-    # head only; P . V fills every head slot and only the row's own slot is kept.
     offs_h = tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, HPP * BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_h = offs_h < HPP * GROUP
-    col_head = offs_c // BLOCK_D
-    col_d = offs_c % BLOCK_D
-    mask_c = col_d < HEAD_DIM  # HEAD_DIM is a multiple of 16: loads stay 16-byte vectors
-    own = mask_h[:, None] & mask_c[None, :] & ((offs_h // GROUP)[:, None] == col_head[None, :])
-    heads = kvh0 * GROUP + offs_h
-    col_off = col_head * stride_kh + col_d  # within a token row, from KV head kvh0
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM  # HEAD_DIM is a multiple of 16: loads stay 16-byte vectors
+    heads = kvh * GROUP + offs_h
 
     q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + col_d[None, :],
-        mask=own,
+        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
         other=0.0,
     )
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HPP * BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
     bt_row = Block_tables + b.to(tl.int64) * stride_bt
-    k_head = K_cache + kvh0 * stride_kh
-    v_head = V_cache + kvh0 * stride_vh
-    col_off_v = col_head * stride_vh + col_d
+    k_head = K_cache + kvh * stride_kh
+    v_head = V_cache + kvh * stride_vh
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < end
         page = tl.load(bt_row + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         tok = pos % PAGE_SIZE
-        # K^T tile [HPP * BLOCK_D, BLOCK_N]; V tile [BLOCK_N, HPP * BLOCK_D]
+        # K^T tile [BLOCK_D, BLOCK_N]; V tile [BLOCK_N, BLOCK_D]
         k = tl.load(
-            k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + col_off[:, None],
-            mask=mask_c[:, None] & mask_n[None, :],
+            k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None],
+            mask=mask_d[:, None] & mask_n[None, :],
             other=0.0,
         )
         qk = dot(q, k, DOT_IEEE)
@@ -143,8 +132,8 @@ def _decode_stage1_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + col_off_v[None, :],
-            mask=mask_n[:, None] & mask_c[None, :],
+            v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )
         pv = dot(p.to(v.dtype), v, DOT_IEEE)
@@ -154,18 +143,19 @@ def _decode_stage1_kernel(
     # An empty split (short sequence) has l_i == 0: write zeros and lse = -inf.
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / safe_l[:, None]
+    mask_hd = mask_h[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
         tl.store(
-            Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + col_d[None, :],
+            Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
             acc.to(Out.dtype.element_ty),
-            mask=own,
+            mask=mask_hd,
         )
     else:
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(safe_l), float("-inf"))
         tl.store(
-            Mid_o + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms + col_d[None, :],
+            Mid_o + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
             acc,
-            mask=own,
+            mask=mask_hd,
         )
         tl.store(Mid_lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
@@ -209,7 +199,6 @@ def _decode_stage2_kernel(
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, merge) dominates
 MAX_SPLITS = 64
 HEAD_FASTEST_DEFAULT = True  # measured on an H200: equal or slightly faster at batch 64
-HEADS_PER_PROGRAM_DEFAULT = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +244,6 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     head_fastest: bool | None = None,
-    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention; returns out [B, Hq, D] in query's dtype.
 
@@ -273,22 +261,19 @@ def decode_attention(
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     group = Hq // Hkv
-    hpp = heads_per_program or HEADS_PER_PROGRAM_DEFAULT
-    if Hkv % hpp:
-        hpp = 1
     if out is None:
         out = torch.empty((B, Hq, D), dtype=query.dtype, device=query.device)
     if B == 0:
         return out
-    BLOCK_H = max(16, triton.next_power_of_2(hpp * group))
+    BLOCK_H = max(16, triton.next_power_of_2(group))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if block_n is None:
         block_n = 64 if BLOCK_D <= 128 else 32
     BLOCK_N = max(block_n, triton.next_power_of_2(page_size), 16)
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv // hpp, max_seq_len, num_sms(query.device))
+        num_splits = choose_num_splits(B, Hkv, max_seq_len, num_sms(query.device))
     if num_warps is None:
-        num_warps = 4 if BLOCK_H * hpp * BLOCK_D <= 16 * 128 else 8
+        num_warps = 4 if BLOCK_H * BLOCK_D <= 16 * 128 else 8
     if num_stages is None:
         num_stages = 2  # measured on an H200: 2 beat 3 and 4 at both benchmark shapes
 
@@ -302,7 +287,7 @@ def decode_attention(
 
     if head_fastest is None:
         head_fastest = HEAD_FASTEST_DEFAULT
-    grid = (Hkv // hpp, B, num_splits) if head_fastest else (B, Hkv // hpp, num_splits)
+    grid = (Hkv, B, num_splits) if head_fastest else (B, Hkv, num_splits)
     _decode_stage1_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
         scale * LOG2E,
@@ -315,7 +300,7 @@ def decode_attention(
         *ml_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
-        HEAD_FASTEST=head_fastest, HPP=hpp, num_warps=num_warps, num_stages=num_stages,
+        HEAD_FASTEST=head_fastest, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_stage2_kernel[(B, Hq)](

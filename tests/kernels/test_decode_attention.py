@@ -58,15 +58,6 @@ def test_decode_grid_orders_and_tilings(head_fastest):
                  head_fastest=head_fastest, block_n=block_n, num_stages=stages)
 
 
-@pytest.mark.parametrize("hpp", [2, 4])
-@pytest.mark.parametrize("heads,D", [((8, 4), 64), ((16, 4), 80), ((4, 4), 64)], ids=["gqa2", "gqa4-d80", "gqa1"])
-def test_decode_several_kv_heads_per_program(hpp, heads, D):
-    # a program covering hpp KV heads (block-diagonal q tile) gives the same result
-    for splits in (1, 3):
-        run_case([3, 90, 64], *heads, D, 16, torch.bfloat16, num_splits=splits, seed=hpp + splits,
-                 heads_per_program=hpp)
-
-
 def test_decode_strided_query():
     # the model passes q as a view of a fused qkv projection: [T, (Hq + 2 Hkv) * D]
     gen = torch.Generator().manual_seed(5)
