@@ -167,7 +167,9 @@ def analyze_labengine(llm, prompts, outputs):
             engine.add_request(f"{tag}{i}", {"prompt_token_ids": p}, sp)
         sync()
         t0 = time.perf_counter()
-        with (llm.trace() if traced else contextlib.nullcontext()) as trace:
+        from labengine.llm import _no_full_gc  # as LLM.generate runs its loop
+
+        with (llm.trace() if traced else contextlib.nullcontext()) as trace, _no_full_gc():
             while engine.has_unfinished_requests():
                 engine.step(final_only=True)
         sync()

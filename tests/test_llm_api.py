@@ -236,3 +236,29 @@ def test_trace_context_manager(llm):
     assert (steps.kv_blocks_total == 32).all()
     assert set(steps.columns) >= {"latency_s", "schedule_s", "prepare_s", "forward_s", "sample_s", "detokenize_s",
                                   "batch_size", "num_prefill_tokens", "num_decode_tokens", "kv_blocks_used"}
+
+
+def test_generate_pauses_full_garbage_collection_and_restores_it(llm):
+    """A full gc pass over every request's tokens stalls the engine for 0.1-0.3 s; generate()
+    raises generation 2's threshold for its run and puts the user's thresholds back, also
+    when a request fails."""
+    import gc
+
+    before = gc.get_threshold()
+    seen = []
+
+    def spy(output_ids, logits):
+        seen.append(gc.get_threshold())
+        return logits
+
+    llm.generate("Hello", SamplingParams(max_tokens=3, logits_processors=[spy]), use_tqdm=False)
+    assert seen and all(t[:2] == before[:2] and t[2] >= 1_000_000 for t in seen)
+    assert gc.get_threshold() == before
+
+    def boom(output_ids, logits):
+        raise RuntimeError("processor failed")
+
+    with pytest.raises(RuntimeError, match="processor failed"):
+        llm.generate("Hello", SamplingParams(max_tokens=3, logits_processors=[boom]), use_tqdm=False)
+    assert gc.get_threshold() == before
+    assert all_free(llm)
