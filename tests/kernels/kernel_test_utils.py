@@ -5,6 +5,10 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# every kernel is tested in each dtype the engine runs
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["fp32", "fp16", "bf16"]
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 # ||out - ref|| / ||ref|| against a float64 reference, and elementwise atol (outputs are O(1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, HAS_CUDA, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, requires_cuda
 
 from labengine.kernels.cache_ops import (
     copy_blocks,
@@ -13,9 +13,6 @@ from labengine.kernels.cache_ops import (
     swap_blocks,
     swap_blocks_ref,
 )
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def rand(*shape, dtype, gen, device=DEVICE):

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, assert_close, make_paged, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
 
 from labengine.kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_ref
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, num_splits, seed, query=None, **kw):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, HAS_CUDA, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, requires_cuda
 
 from labengine.kernels.layer_ops import (
     qk_norm_rope,
@@ -19,9 +19,6 @@ from labengine.kernels.layer_ops import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def rand(*shape, dtype, gen, scale=1.0):

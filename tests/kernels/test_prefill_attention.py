@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, assert_close, make_paged, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
 
 from labengine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtype, seed, **kw):

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, requires_cuda
 
 from labengine.kernels.sampling import sample, sampling_probs_ref
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def check_logprobs(logits, temps, rows, tokens, logprobs, atol=2e-5):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, HAS_CUDA, TOL, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, TOL, requires_cuda
 
 from labengine.attention import AttentionMetadata, get_attn_backend
 from labengine.attention.torch_backend import TorchAttentionBackend
 from labengine.attention.triton_backend import TritonAttentionBackend
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 
 
 def test_get_attn_backend_triton():
