@@ -93,10 +93,7 @@ class OutputProcessor:
             sample = samples[0]
             if seq is not None and not seq.is_finished() and sample.parent_seq_id == seq.seq_id:
                 seq.append_token_id(sample.output_token, sample.logprobs, sample.logprob)
-                new_char_count = 0
-                if params.detokenize and self.detokenizer is not None:
-                    new_char_count = self.detokenizer.decode_sequence_inplace(seq, params)
-                self.stop_checker.maybe_stop_sequence(seq, new_char_count, params)
+                self._detokenize_and_check_stop(seq, params)
                 if seq.is_finished():
                     self.scheduler.free_seq(seq)
                 return
@@ -135,17 +132,20 @@ class OutputProcessor:
             child_seqs.extend(children)
 
         for seq, _ in child_seqs:
-            if params.detokenize and self.detokenizer is not None:
-                new_char_count = self.detokenizer.decode_sequence_inplace(seq, params)
-            else:
-                new_char_count = 0
-            self.stop_checker.maybe_stop_sequence(seq, new_char_count, params)
+            self._detokenize_and_check_stop(seq, params)
 
         if not params.use_beam_search:
             self._adopt(seq_group, child_seqs)
             return
 
         self._process_beam_search(seq_group, child_seqs, existing_finished_seqs)
+
+    def _detokenize_and_check_stop(self, seq: Sequence, params) -> None:
+        """Decode the sequence's new token (when asked) and apply the stop rules to it."""
+        new_char_count = 0
+        if params.detokenize and self.detokenizer is not None:
+            new_char_count = self.detokenizer.decode_sequence_inplace(seq, params)
+        self.stop_checker.maybe_stop_sequence(seq, new_char_count, params)
 
     # ------------------------------------------------------------------ beam search
     def _eos(self, seq: Optional[Sequence] = None) -> Optional[int]:

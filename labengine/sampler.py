@@ -334,6 +334,7 @@ class Sampler:
         groups = metadata.groups
         num_rows, vocab = logits.shape
         device = logits.device
+        use_kernel = self.method_for(device) == "kernel"
         owned = False  # whether `logits` is our own copy (safe to modify in place)
 
         # ---- 1. Per-row parameters (one Python pass over the groups, no tensors yet).
@@ -415,7 +416,7 @@ class Sampler:
         # the sampling kernel, when nothing else touches the logits, reads them as they are.
         if logits.dtype != torch.float32 and (
                 proc_work or mask_rows or pen_rows or trunc_rows or min_p_rows or want_log_softmax
-                or self.method_for(device) != "kernel"):
+                or not use_kernel):
             logits = logits.float()
             owned = True
 
@@ -456,8 +457,7 @@ class Sampler:
         # ---- 5. Temperature (left to the sampling kernel when nothing before it needs it).
         kernel_temps = None
         if any_temp:
-            if (self.method_for(device) == "kernel" and not trunc_rows and not min_p_rows
-                    and not want_log_softmax):
+            if use_kernel and not trunc_rows and not min_p_rows and not want_log_softmax:
                 kernel_temps = temps
             else:
                 logits = logits / to_device(temps, logits.dtype, device).unsqueeze(1)
@@ -480,11 +480,11 @@ class Sampler:
                 to_device([min_ps[r] for r in min_p_rows], logits.dtype, device)))
 
         # ---- 8./9. The processed distribution, and the samples.
-        return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets, kernel_temps)
+        return self._sample(groups, logits, prompt_lp_rows, prompt_lp_targets, use_kernel, kernel_temps)
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, groups: list[SequenceGroupToSample], logits: torch.Tensor,
-                prompt_lp_rows: list[int], prompt_lp_targets: list[int],
+                prompt_lp_rows: list[int], prompt_lp_targets: list[int], use_kernel: bool,
                 kernel_temps: Optional[list[float]] = None):
         """Samples from the processed logits.
 
@@ -494,12 +494,11 @@ class Sampler:
         logprob is log(p) of that token. Which way a row goes depends only on its own
         request, never on the rest of the batch.
 
-        With the "kernel" method one kernel draws every greedy and random sample and gives
-        its logprob; kernel_temps (per row) are temperatures it still has to apply.
+        With use_kernel (the "kernel" method) one kernel draws every greedy and random sample
+        and gives its logprob; kernel_temps (per row) are temperatures it still has to apply.
         """
         num_rows, vocab = logits.shape
         device = logits.device
-        use_kernel = self.method_for(device) == "kernel"
 
         # Plan the non-beam samples: one per sample row, or best_of from the single row at
         # the group's first step. Per sample: group, parent seq id, source row.

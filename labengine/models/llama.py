@@ -60,16 +60,15 @@ class LlamaAttention(nn.Module):
                 *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()))
             # v stays a strided view of qkv: the Triton backend reads it in place
             v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
-            o = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
-            return self.o_proj(o.reshape(T, self.q_size))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        # contiguous: kernels may assume dense [T, H, D] rows (a split leaves a strided view)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+            # contiguous: the reference backend assumes dense [T, H, D] rows (a split leaves a strided view)
+            v = v.reshape(T, self.num_kv_heads, self.head_dim).contiguous()
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         o = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
