@@ -1,10 +1,11 @@
 """Experiment (issue 5): can decode attention beat SDPA(enable_gqa) at batch 64 x 4096?
 
-    PYTHONPATH=. python benchmarks/exp_decode_tma.py
+    PYTHONPATH=. python benchmarks/exp_decode_tma.py [--tma]
 
 Times, in one run on the same inputs as bench_kernels.py (graph timing, shuffled pages):
   * our decode kernel (launcher default), on shuffled and on in-order pages;
-  * a variant that loads each page's K/V tile with a Hopper TMA descriptor (one page of
+  * its load hints (L1 bypass, evict-first) and unpipelined tilings;
+  * with --tma: a variant that loads each page's K/V tile with a Hopper TMA descriptor (one page of
     16 keys per loop iteration, the block-table lookup as its only address arithmetic);
   * two read-only kernels with the same access pattern (plain loads / TMA), no math:
     the ceiling the paged layout allows;
@@ -201,19 +202,27 @@ def main():
     dflt = lambda st, o: K.decode_attention(st[0], st[1], st[2], st[3], st[4], scale, max_seq_len=ctx, out=o)
     timeit("warm-up (ours, discarded)", dflt)
     t_ours = timeit("ours, launcher default", dflt)
-    for pages, nw, ns in ((1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 4, 6), (2, 4, 3), (4, 4, 2), (4, 4, 3), (1, 8, 3), (4, 8, 3)):
-        timeit(f"TMA per page, unroll {pages}, w={nw} st={ns}",
-               lambda st, o, p=pages, w=nw, s=ns: decode_tma(st[0], st[1], st[2], st[3], st[4], scale, o, p, w, s))
-    ro = [torch.empty(B, Hkv * D, dtype=torch.float32, device=dev) for _ in sets]
-    for tma, ns in ((False, 2), (False, 3), (True, 3), (True, 4)):
-        fns = [lambda st=st, o=o, tma=tma, ns=ns: read_only(st[1], st[2], st[3], st[4], o, tma, ns) for st, o in zip(sets, ro)]
-        fns[0]()
-        torch.cuda.synchronize()
-        exp = (kc.float()[table.long()].sum((1, 2)) + vc.float()[table.long()].sum((1, 2))).view(B, Hkv * D)
-        assert torch.allclose(ro[0], exp, rtol=1e-3, atol=1e-1), "read-only sum wrong"
-        t = BK.bench_graph(fns)
-        print(f"  {'read-only ' + ('TMA' if tma else 'plain loads') + f' st={ns}':48s} {t * 1e6:8.1f} us "
-              f"{kv_bytes / t / 1e9:7.0f} GB/s {100 * kv_bytes / t / copy_bw:6.1f}% of copy")
+    variants = [dict(kv_cache_modifier=cm, kv_eviction=ev) for cm in ("", ".cg") for ev in ("", "evict_first")][1:]
+    variants += [dict(block_n=bn, num_warps=w, num_stages=1) for bn, w in ((64, 4), (128, 4), (128, 8), (32, 4))]
+    variants += [dict(block_n=64, num_warps=2, num_stages=2), dict(block_n=32, num_warps=2, num_stages=2),
+                 dict(block_n=64, num_warps=4, num_stages=2, kv_cache_modifier=".cg", head_fastest=False)]
+    for kw in variants:
+        timeit("ours " + " ".join(f"{k}={v!r}" for k, v in kw.items()),
+               lambda st, o, kw=kw: K.decode_attention(st[0], st[1], st[2], st[3], st[4], scale, max_seq_len=ctx, out=o, **kw))
+    if "--tma" in sys.argv:
+        for pages, nw, ns in ((1, 4, 3), (4, 4, 3)):
+            timeit(f"TMA per page, unroll {pages}, w={nw} st={ns}",
+                   lambda st, o, p=pages, w=nw, s=ns: decode_tma(st[0], st[1], st[2], st[3], st[4], scale, o, p, w, s))
+        ro = [torch.empty(B, Hkv * D, dtype=torch.float32, device=dev) for _ in sets]
+        for tma, ns in ((False, 2), (True, 3)):
+            fns = [lambda st=st, o=o, tma=tma, ns=ns: read_only(st[1], st[2], st[3], st[4], o, tma, ns) for st, o in zip(sets, ro)]
+            fns[0]()
+            torch.cuda.synchronize()
+            exp = (kc.float()[table.long()].sum((1, 2)) + vc.float()[table.long()].sum((1, 2))).view(B, Hkv * D)
+            assert torch.allclose(ro[0], exp, rtol=1e-3, atol=1e-1), "read-only sum wrong"
+            t = BK.bench_graph(fns)
+            print(f"  {'read-only ' + ('TMA' if tma else 'plain loads') + f' st={ns}':48s} {t * 1e6:8.1f} us "
+                  f"{kv_bytes / t / 1e9:7.0f} GB/s {100 * kv_bytes / t / copy_bw:6.1f}% of copy")
     # in-order pages: the same kernel when each sequence's blocks are physically consecutive
     seq_sets = [(st[0], st[1], st[2], (torch.arange(B * ctx // bs, device=dev, dtype=torch.int32) + 1).view(B, -1), st[4])
                 for st in sets]

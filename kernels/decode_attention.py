@@ -78,6 +78,8 @@ def _decode_stage1_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_IEEE: tl.constexpr,  # exact fp32 dots (fp32 inputs, or any input in the interpreter)
     HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, S) instead of (B, Hkv, S)
+    KV_CACHE_MODIFIER: tl.constexpr,  # "" or ".cg" (bypass L1) for the K/V tile loads
+    KV_EVICTION: tl.constexpr,  # "" or "evict_first" (streamed once: do not keep in L2)
 ):
     if HEAD_FASTEST:
         # the KV heads of one sequence run side by side and read neighbouring bytes of
@@ -124,6 +126,8 @@ def _decode_stage1_kernel(
             k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None],
             mask=mask_d[:, None] & mask_n[None, :],
             other=0.0,
+            cache_modifier=KV_CACHE_MODIFIER,
+            eviction_policy=KV_EVICTION,
         )
         qk = dot(q, k, DOT_IEEE)
         qk = tl.where(mask_n[None, :], qk * sm_scale_log2, float("-inf"))
@@ -135,6 +139,8 @@ def _decode_stage1_kernel(
             v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
+            cache_modifier=KV_CACHE_MODIFIER,
+            eviction_policy=KV_EVICTION,
         )
         pv = dot(p.to(v.dtype), v, DOT_IEEE)
         acc = acc * alpha[:, None] + pv
@@ -244,6 +250,8 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     head_fastest: bool | None = None,
+    kv_cache_modifier: str = "",
+    kv_eviction: str = "",
 ) -> torch.Tensor:
     """Paged decode attention; returns out [B, Hq, D] in query's dtype.
 
@@ -254,6 +262,8 @@ def decode_attention(
     stages overlap the next tile's loads with this tile's dots (64 KB of shared memory:
     three programs per SM). Grid (Hkv, B, splits): the KV heads of a sequence run side by
     side (head_fastest=False gives (B, Hkv, splits)). Splits from choose_num_splits.
+    kv_cache_modifier=".cg" / kv_eviction="evict_first" hint the K/V loads; off by default
+    (within noise on an H200, benchmarks/RESULTS.md, fourth session).
     No host syncs: safe under CUDA graphs.
     """
     B, Hq, D = query.shape
@@ -300,7 +310,8 @@ def decode_attention(
         *ml_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
-        HEAD_FASTEST=head_fastest, num_warps=num_warps, num_stages=num_stages,
+        HEAD_FASTEST=head_fastest, KV_CACHE_MODIFIER=kv_cache_modifier, KV_EVICTION=kv_eviction,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_stage2_kernel[(B, Hq)](

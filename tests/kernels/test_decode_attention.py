@@ -55,6 +55,12 @@ def test_decode_grid_orders_and_tilings(head_fastest):
                  head_fastest=head_fastest, block_n=block_n, num_stages=stages)
 
 
+@pytest.mark.parametrize("hints", [dict(kv_cache_modifier=".cg"), dict(kv_eviction="evict_first")], ids=["cg", "evict"])
+def test_decode_load_hints(hints):
+    # load hints (benchmarks/exp_decode_tma.py) change how K/V travel, never the result
+    run_case([3, 90, 64], 8, 2, 64, 16, torch.bfloat16, num_splits=1, seed=9, **hints)
+
+
 def test_decode_strided_query():
     # the model passes q as a view of a fused qkv projection: [T, (Hq + 2 Hkv) * D]
     gen = torch.Generator().manual_seed(5)
