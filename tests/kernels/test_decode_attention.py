@@ -55,10 +55,12 @@ def test_decode_grid_orders_and_tilings(head_fastest):
                  head_fastest=head_fastest, block_n=block_n, num_stages=stages)
 
 
-@pytest.mark.parametrize("hints", [dict(kv_cache_modifier=".cg"), dict(kv_eviction="evict_first")], ids=["cg", "evict"])
-def test_decode_load_hints(hints):
-    # load hints (benchmarks/exp_decode_tma.py) change how K/V travel, never the result
-    run_case([3, 90, 64], 8, 2, 64, 16, torch.bfloat16, num_splits=1, seed=9, **hints)
+def test_decode_whole_tiles_and_tails():
+    # the kernel runs whole BLOCK_N tiles without masks and only the last partial one with
+    # them: lengths of exactly one and two tiles, one key past a tile, one short of it; a
+    # padded head size (80 -> 128 lanes) on the unmasked path; splits ending inside a tile
+    run_case([64, 128, 65, 127], 8, 2, 80, 16, torch.bfloat16, num_splits=1, seed=9)
+    run_case([64, 128, 65, 127], 8, 2, 64, 32, torch.float32, num_splits=3, seed=10)
 
 
 def test_decode_strided_query():
