@@ -58,7 +58,7 @@ def _attend_tile(
     bt_row,  # [max_blocks] int32 this sequence's block-table row
     k_head, v_head,  # K/V cache pointers offset to this KV head
     sm_scale_log2,
-    stride_kb, stride_kt, stride_vb, stride_vt,
+    stride_b, stride_t,  # block and token strides, shared by the K and V caches
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     MASKED: tl.constexpr,  # False: the whole tile lies before `end` (no masks needed)
@@ -75,19 +75,20 @@ def _attend_tile(
         page = tl.load(bt_row + pos // PAGE_SIZE).to(tl.int64)
     tok = pos % PAGE_SIZE
     # K^T tile [BLOCK_D, BLOCK_N]; V tile [BLOCK_N, BLOCK_D]
-    k_ptrs = k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :]
+    kv_off = page * stride_b + tok * stride_t  # [BLOCK_N] element offset of each key's row
+    k_ptrs = k_head + kv_off[None, :] + offs_d[:, None]
+    v_ptrs = v_head + kv_off[:, None] + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
     elif HEAD_DIM == BLOCK_D:
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
-    qk = dot(q, k, DOT_IEEE) * sm_scale_log2
+    qk = dot(q, k, DOT_IEEE)  # raw scores; the scale is folded into the exponent (one FMA)
     if MASKED:
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)  # running max, in log2 units
+    p = tl.math.exp2(qk * sm_scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
@@ -113,8 +114,8 @@ def _decode_stage1_kernel(
     Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp of each split (NUM_SPLITS > 1)
     sm_scale_log2,  # float: softmax scale * log2(e)
     stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_kb, stride_kt, stride_kh,  # V shares K's block and token strides
+    stride_vh,
     stride_bt,
     stride_ob, stride_oh,
     stride_mb, stride_mh, stride_ms,
@@ -168,12 +169,12 @@ def _decode_stage1_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, n0, end, bt_row, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt,
+            stride_kb, stride_kt,
             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_IEEE, False)
     if full_end < end:
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, full_end, end, bt_row, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt,
+            stride_kb, stride_kt,
             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_IEEE, True)
 
     # An empty split (short sequence) has l_i == 0: write zeros and lse = -inf.
@@ -296,6 +297,7 @@ def decode_attention(
     num_blocks, page_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert v_cache.stride()[:2] == k_cache.stride()[:2], "k_cache and v_cache must share block/token strides"
     group = Hq // Hkv
     if out is None:
         out = torch.empty((B, Hq, D), dtype=query.dtype, device=query.device)
@@ -329,7 +331,7 @@ def decode_attention(
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         *mo_strides,
