@@ -9,7 +9,8 @@ table. The design follows vLLM's `triton_decode_attention` (from LightLLM/SGLang
   are `tl.dot`s on tensor cores and every K/V byte is read exactly once per KV head.
   It walks its slice in tiles of BLOCK_N keys that are whole pages, looking up the
   physical block of each page in the block table, with an online (running-max) softmax,
-  and writes a normalised partial output plus its log-sum-exp.
+  and writes a normalised partial output plus its log-sum-exp. Whole tiles run without
+  masks; only the last, partial tile is masked (`_attend_tile`'s MASKED).
 * Stage 2, grid (batch, q_head), merges the splits weighted by exp(lse - max lse).
   With a single split, stage 1 writes the final output directly and stage 2 is skipped.
 
