@@ -59,7 +59,6 @@ def main():
     # One decode step by hand, part by part.
     out = engine.scheduler.schedule()
     assert not out.is_prefill
-    from labengine.model_runner import StepTimings
 
     tables = engine.scheduler.block_manager.block_tables
     ids, pos, meta, rows, smeta = runner.prepare_inputs(out, tables)

@@ -24,7 +24,6 @@ CUDA-graph capturable; under graph capture the runner passes max_seq_len = max_m
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton

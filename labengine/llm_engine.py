@@ -7,7 +7,6 @@ Every step is timed by part and published on the event bus.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Iterable, Optional, Union
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, requires_cuda
 
 from labengine.kernels.cache_ops import (
     copy_blocks,

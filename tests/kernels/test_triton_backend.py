@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, TOL, requires_cuda
+from kernel_test_utils import DEVICE, DTYPES, DT_IDS, TOL, requires_cuda
 
 from labengine.attention import AttentionMetadata, get_attn_backend
 from labengine.attention.torch_backend import TorchAttentionBackend
