@@ -15,9 +15,11 @@ table. The design follows vLLM's `triton_decode_attention` (from LightLLM/SGLang
   With a single split, stage 1 writes the final output directly and stage 2 is skipped.
 
 Splitting the context (flash-decoding) matters when batch * kv_heads programs cannot
-fill the GPU: batch 1 with 8 KV heads is 8 programs on a 132-SM H200. The launcher picks
-the split count from host integers only (batch size and max_seq_len), so the launch is
-CUDA-graph capturable; under graph capture the runner passes max_seq_len = max_model_len.
+fill the GPU (batch 1 with 8 KV heads is 8 programs on a 132-SM H200) and when they
+overflow the last wave only a little (batch 72: 576 programs where 528 fit at once, so 48
+run alone afterwards). The launcher picks the split count from a model of the waves
+(`choose_num_splits`), using host integers only (batch size and max_seq_len), so the launch
+is CUDA-graph capturable; under graph capture the runner passes max_seq_len = max_model_len.
 
 `decode_attention_ref` at the bottom is the PyTorch reference the tests compare against.
 """
@@ -52,10 +54,21 @@ def dot_ieee(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 @triton.jit
+def _tile_pages(bt_row, first, max_blocks, NP: tl.constexpr):
+    """The block-table entries of NP consecutive pages from logical page `first` ([NP] int64).
+
+    Masked by the row's length only: entries past the sequence's end are read (they exist)
+    and their keys are masked by the tile's MASKED path.
+    """
+    idx = first + tl.arange(0, NP)
+    return tl.load(bt_row + idx, mask=idx < max_blocks, other=0).to(tl.int64)
+
+
+@triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,  # [BLOCK_H, BLOCK_D] query tile; running output, max, sum (fp32)
     n0, end,  # first key of this tile; end of this program's keys
-    bt_row,  # [max_blocks] int32 this sequence's block-table row
+    pages,  # [BLOCK_N // PAGE_SIZE] int64 the physical blocks of this tile's pages
     k_head, v_head,  # K/V cache pointers offset to this KV head
     sm_scale_log2,
     stride_b, stride_t,  # block and token strides, shared by the K and V caches
@@ -70,9 +83,8 @@ def _attend_tile(
     if MASKED:
         mask_n = pos < end
         mask_d = offs_d < HEAD_DIM  # HEAD_DIM is a multiple of 16: loads stay 16-byte vectors
-        page = tl.load(bt_row + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-    else:
-        page = tl.load(bt_row + pos // PAGE_SIZE).to(tl.int64)
+    NP: tl.constexpr = BLOCK_N // PAGE_SIZE
+    page = tl.reshape(tl.broadcast_to(pages[:, None], (NP, PAGE_SIZE)), (BLOCK_N,))  # each key's block
     tok = pos % PAGE_SIZE
     # K^T tile [BLOCK_D, BLOCK_N]; V tile [BLOCK_N, BLOCK_D]
     kv_off = page * stride_b + tok * stride_t  # [BLOCK_N] element offset of each key's row
@@ -117,6 +129,7 @@ def _decode_stage1_kernel(
     stride_kb, stride_kt, stride_kh,  # V shares K's block and token strides
     stride_vh,
     stride_bt,
+    max_blocks,  # int: length of a block-table row (the tile's page reads stay inside it)
     stride_ob, stride_oh,
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
@@ -142,9 +155,13 @@ def _decode_stage1_kernel(
 
     seq_len = tl.load(Seq_lens + b)
     # Split boundaries are aligned to BLOCK_N so every tile is made of whole pages.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    if NUM_SPLITS == 1:
+        start = 0  # a constant, so the first tile's block-table read need not wait for seq_len
+        end = seq_len
+    else:
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -166,14 +183,17 @@ def _decode_stage1_kernel(
     v_head = V_cache + kvh * stride_vh
     # whole tiles without masks (measured 2.6% faster on an H200), then the partial one with them
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    NP: tl.constexpr = BLOCK_N // PAGE_SIZE
     for n0 in range(start, full_end, BLOCK_N):
+        pages = _tile_pages(bt_row, n0 // PAGE_SIZE, max_blocks, NP)
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, n0, end, bt_row, k_head, v_head, sm_scale_log2,
+            q, acc, m_i, l_i, n0, end, pages, k_head, v_head, sm_scale_log2,
             stride_kb, stride_kt,
             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_IEEE, False)
     if full_end < end:
+        pages = _tile_pages(bt_row, full_end // PAGE_SIZE, max_blocks, NP)
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, full_end, end, bt_row, k_head, v_head, sm_scale_log2,
+            q, acc, m_i, l_i, full_end, end, pages, k_head, v_head, sm_scale_log2,
             stride_kb, stride_kt,
             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_IEEE, True)
 
@@ -236,35 +256,72 @@ def _decode_stage2_kernel(
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, merge) dominates
 MAX_SPLITS = 64
 HEAD_FASTEST_DEFAULT = True  # measured on an H200: equal or slightly faster at batch 64
+MAX_REGISTERS = 128  # per thread, 16-bit inputs: four 4-warp programs per SM (see the launcher)
+REGISTERS_PER_SM = 65536  # every NVIDIA GPU since Volta
+# The split model (choose_num_splits), fitted on an H200 (benchmarks/exp_decode_waves.py):
+SATURATING_FRACTION = 0.55  # a wave with fewer programs than this share of the slots is latency-bound
+MERGE_COST = 0.01  # splitting at all: partial outputs written and merged in a second launch
+PROGRAM_COST_KEYS = 24  # a program's fixed cost (prologue, epilogue), in keys' worth of streaming
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index) -> int:
-    if device_index is None:  # CPU under TRITON_INTERPRET=1: pretend to be a tiny GPU
-        return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_facts(device_index) -> tuple[int, int]:
+    """(SMs, shared-memory bytes per SM) of a CUDA device; a tiny pretend GPU for the interpreter."""
+    if device_index is None:  # CPU under TRITON_INTERPRET=1
+        return 4, 228 * 1024
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 100 * 1024  # older torch: assume little
+    return props.multi_processor_count, smem
 
 
-def num_sms(device: torch.device) -> int:
+def _device_index(device: torch.device):
     if device.type != "cuda":
-        return _num_sms(None)
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
-    """Split count from host integers only (CUDA-graph safe).
+def programs_per_sm(block_n: int, block_d: int, block_h: int, elem_bytes: int, num_warps: int,
+                    max_registers: int | None, smem_per_sm: int) -> int:
+    """How many stage-1 programs one SM holds: the smaller of the register and shared-memory limits.
 
-    batch * kv_heads programs without splitting; if that is under two waves of the SMs,
-    split each context so the grid reaches about two programs per SM, but never below
-    MIN_TOKENS_PER_SPLIT keys per split. Rounded to a power of two (the merge pads to one).
+    Registers: max_registers (the launcher's cap) per thread, or the hardware's 255 when uncapped.
+    Shared memory: one K and one V tile, the query tile and the probability tile (what triton
+    allocates for this kernel; two-stage pipelining keeps one K/V buffer here, measured), plus
+    1 KB the driver reserves per program.
     """
-    programs = batch * num_kv_heads
-    if programs >= 2 * sms:
-        return 1
-    want = triton.cdiv(2 * sms, programs)
-    cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
-    n = min(triton.next_power_of_2(want), cap, MAX_SPLITS)
-    return max(1, n)
+    regs = (max_registers or 256) * 32 * num_warps
+    smem = (2 * block_n * block_d + block_h * block_d + block_h * block_n) * elem_bytes + 1024
+    return max(1, min(REGISTERS_PER_SM // regs, smem_per_sm // smem))
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int, per_sm: int = 4) -> int:
+    """Split count from host integers only (CUDA-graph safe), by a small model of the waves.
+
+    The grid has batch * kv_heads * S programs; the GPU runs them in waves of `slots` =
+    sms * per_sm. A full wave keeps the memory busy; the last, partial wave does too only if
+    it holds at least SATURATING_FRACTION of the slots, otherwise it costs about as much as
+    that many programs would (each program is latency-bound). So the time of S splits is
+    proportional to (full waves * slots + max(tail, saturating)) / S, times 1 + MERGE_COST
+    (if S > 1) + PROGRAM_COST_KEYS / (keys per split). The S in {1, 2, 4, ...} with the
+    smallest time wins (ties: fewer splits), never below MIN_TOKENS_PER_SPLIT keys per split.
+    On an H200 (4 programs per SM) at context 4096 this picks 1 split for batch 48-66 and
+    112-128 and 2-8 for batch 68-99, where one split leaves a nearly empty second wave
+    (77-97% of copy bandwidth measured, 95-104% with these splits); at batch 1 x 32768, 64.
+    """
+    pairs = batch * num_kv_heads
+    slots = sms * per_sm
+    saturating = SATURATING_FRACTION * slots
+    cap = min(MAX_SPLITS, max(1, max_seq_len // MIN_TOKENS_PER_SPLIT))
+    best, best_cost = 1, None
+    s = 1
+    while s <= cap:
+        full, tail = divmod(pairs * s, slots)
+        cost = (full * slots + (max(tail, saturating) if tail else 0)) / s
+        cost *= 1 + MERGE_COST * (s > 1) + PROGRAM_COST_KEYS * s / max(max_seq_len, 1)
+        if best_cost is None or cost < best_cost * (1 - 1e-9):
+            best, best_cost = s, cost
+        s *= 2
+    return best
 
 
 def decode_attention(
@@ -281,17 +338,25 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     head_fastest: bool | None = None,
+    maxnreg: int | None = None,  # registers per thread (0: no cap)
+    merge_warps: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention; returns out [B, Hq, D] in query's dtype.
 
     Tiling: BLOCK_H = the GQA group padded to >= 16 rows (tensor-core M), BLOCK_D = head
     size padded to a power of two (80 -> 128, masked), BLOCK_N = 64 keys (4 pages of 16 or
     2 of 32; a whole number of pages so each tile reads whole blocks), capped so that the
-    K and V tiles stay small for head size 256. 4 warps (8 for head size 256); 2 pipeline
-    stages overlap the next tile's loads with this tile's dots (64 KB of shared memory:
-    three programs per SM). Grid (Hkv, B, splits): the KV heads of a sequence run side by
-    side (head_fastest=False gives (B, Hkv, splits)). Splits from choose_num_splits.
-    No host syncs: safe under CUDA graphs.
+    K and V tiles stay small for head size 256. 4 warps (8 for head size 256). num_stages=2:
+    the tile's K/V addresses come from a block-table load, and triton then keeps ONE K/V
+    buffer (39 KB at D=128) and issues the next tile's loads after this tile's dots; more
+    buffers (num_stages >= 5) were slower on an H200: the SM's other programs hide the
+    latency instead. Registers are capped at 128 per thread (16-bit inputs) so that four
+    programs share an SM whatever the compiler version (triton 3.6 once took 134 and fell
+    to three: 80% instead of 104% of copy bandwidth at batch 64). Grid (Hkv, B, splits): the
+    KV heads of a sequence run side by side (head_fastest=False gives (B, Hkv, splits)).
+    Splits from choose_num_splits, given how many programs an SM holds. The merge (stage 2)
+    runs one warp per (sequence, query head): its tiles are tiny. No host syncs: safe under
+    CUDA graphs.
     """
     B, Hq, D = query.shape
     num_blocks, page_size, Hkv, Dk = k_cache.shape
@@ -308,12 +373,16 @@ def decode_attention(
     if block_n is None:
         block_n = 64 if BLOCK_D <= 128 else 32
     BLOCK_N = max(block_n, triton.next_power_of_2(page_size), 16)
-    if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_seq_len, num_sms(query.device))
     if num_warps is None:
         num_warps = 4 if BLOCK_H * BLOCK_D <= 16 * 128 else 8
     if num_stages is None:
-        num_stages = 2  # measured on an H200: 2 beat 3 and 4 at both benchmark shapes
+        num_stages = 2  # measured on an H200: 2 beat 3 to 9 at both benchmark shapes
+    if maxnreg is None:  # fp32 tiles need more registers than the cap (they spill either way)
+        maxnreg = MAX_REGISTERS if query.element_size() == 2 else 0
+    if num_splits is None:
+        sms, smem_per_sm = _device_facts(_device_index(query.device))
+        per_sm = programs_per_sm(BLOCK_N, BLOCK_D, BLOCK_H, query.element_size(), num_warps, maxnreg, smem_per_sm)
+        num_splits = choose_num_splits(B, Hkv, max_seq_len, sms, per_sm)
 
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=query.device)
@@ -332,13 +401,14 @@ def decode_attention(
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), block_tables.shape[1],
         out.stride(0), out.stride(1),
         *mo_strides,
         *ml_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
         HEAD_FASTEST=head_fastest, num_warps=num_warps, num_stages=num_stages,
+        **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
     )
     if num_splits > 1:
         _decode_stage2_kernel[(B, Hq)](
@@ -347,7 +417,7 @@ def decode_attention(
             out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=BLOCK_D, NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4 if BLOCK_D <= 128 else 8,
+            num_warps=merge_warps or (1 if BLOCK_D <= 128 else 2),  # H200: 1 warp 1-3% faster than 4
         )
     return out
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
 
-from labengine.kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_ref
+from labengine.kernels.decode_attention import (
+    MIN_TOKENS_PER_SPLIT,
+    choose_num_splits,
+    decode_attention,
+    decode_attention_ref,
+    programs_per_sm,
+)
 
 
 def run_case(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, num_splits, seed, query=None, **kw):
@@ -63,6 +69,26 @@ def test_decode_whole_tiles_and_tails():
     run_case([64, 128, 65, 127], 8, 2, 64, 32, torch.float32, num_splits=3, seed=10)
 
 
+def test_decode_block_table_view_with_garbage_past_rows():
+    # a tile reads the table entries of whole pages: a sequence of 65 keys (block 16, tiles of
+    # 64) asks for pages 4-7 of a 5-entry row. The table here is a column slice of a wider
+    # tensor whose hidden columns hold block ids far out of range: the kernel must stay inside
+    # each row (max_blocks) and mask the keys past the sequence's end.
+    gen = torch.Generator().manual_seed(12)
+    lens = [65, 17, 80]
+    k_cache, v_cache, table = make_paged(lens, 2, 64, 16, torch.float32, gen=gen)
+    wide = torch.full((len(lens), table.shape[1] + 7), 2**30, dtype=torch.int32, device=DEVICE)
+    wide[:, : table.shape[1]] = table
+    view = wide[:, : table.shape[1]]
+    query = torch.randn(len(lens), 8, 64, generator=gen).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2):
+        out = torch.full((len(lens), 8, 64), float("nan"), device=DEVICE)
+        decode_attention(query, k_cache, v_cache, view, seq_lens, 0.125, max_seq_len=80, out=out, num_splits=splits)
+        ref = decode_attention_ref(query, k_cache, v_cache, table, seq_lens, 0.125, compute_dtype=torch.float64)
+        assert_close(out, ref, torch.float32, f"table view, {splits} split(s)")
+
+
 def test_decode_strided_query():
     # the model passes q as a view of a fused qkv projection: [T, (Hq + 2 Hkv) * D]
     gen = torch.Generator().manual_seed(5)
@@ -79,6 +105,26 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132) == 64
     assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
     assert 1 <= choose_num_splits(4, 8, 2048, 132) <= 2048 // 256
+    # past one wave of 132 SMs x 4 programs: a nearly empty second wave is split away...
+    assert choose_num_splits(72, 8, 4096, 132, per_sm=4) > 1
+    assert choose_num_splits(99, 8, 4096, 132, per_sm=4) == 2
+    # ...but full waves are not (batch 64 fits one wave, batch 128 two almost full ones)
+    assert choose_num_splits(64, 8, 4096, 132, per_sm=4) == 1
+    assert choose_num_splits(128, 8, 4096, 132, per_sm=4) == 1
+    for batch in range(1, 300, 7):
+        for ctx in (100, 1000, 4096, 32768):
+            s = choose_num_splits(batch, 8, ctx, 132, per_sm=4)
+            assert s & (s - 1) == 0 and (s == 1 or ctx // s >= MIN_TOKENS_PER_SPLIT), (batch, ctx, s)
+
+
+def test_programs_per_sm():
+    # H200 (228 KB of shared memory per SM), D=128, bf16: 128 registers x 4 warps -> 4 programs;
+    # head size 256 with 8 warps -> 2; fp32 tiles uncapped -> 2 (registers)
+    smem = 228 * 1024
+    assert programs_per_sm(64, 128, 16, 2, 4, 128, smem) == 4
+    assert programs_per_sm(32, 256, 16, 2, 8, 128, smem) == 2
+    assert programs_per_sm(64, 128, 16, 4, 4, 0, smem) == 2
+    assert programs_per_sm(64, 128, 16, 2, 4, 128, 100 * 1024) == 2  # a GPU with little shared memory
 
 
 # ---------------------------------------------------------------- real sizes, GPU only
