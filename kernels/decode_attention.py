@@ -306,7 +306,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int,
     smallest time wins (ties: fewer splits), never below MIN_TOKENS_PER_SPLIT keys per split.
     On an H200 (4 programs per SM) at context 4096 this picks 1 split for batch 48-66 and
     112-128 and 2-8 for batch 68-99, where one split leaves a nearly empty second wave
-    (77-97% of copy bandwidth measured, 95-104% with these splits); at batch 1 x 32768, 64.
+    (75-96% of copy bandwidth measured with 1 split, 95-101% with these); at 1 x 32768, 64.
     """
     pairs = batch * num_kv_heads
     slots = sms * per_sm
