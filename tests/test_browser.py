@@ -149,7 +149,9 @@ def test_slider_in_chromium_changes_the_output(lab):
             page.keyboard.press("End")  # DOM -> kernel: top_k to its maximum (16 tokens)
             sync_api.expect(kept).to_have_text(re.compile(r"kept 16 tokens"), timeout=30_000)
             sync_api.expect(slider.locator(".widget-readout")).to_have_text("16")
-            assert cont.inner_text() != before  # the continuation was regenerated
+            # the continuation was regenerated: its widget updates after the summary's (two
+            # messages), so wait for it rather than read it right after "kept 16" shows
+            sync_api.expect(cont).not_to_have_text(before, timeout=30_000)
             assert page.locator(".jp-OutputArea .widget-image img, .jp-OutputArea img.widget-image").count() >= 1
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
