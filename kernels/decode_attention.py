@@ -280,6 +280,7 @@ def _device_index(device: torch.device):
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=None)  # called by every layer's launch (eager mode): pure in its ints
 def programs_per_sm(block_n: int, block_d: int, block_h: int, elem_bytes: int, num_warps: int,
                     max_registers: int | None, smem_per_sm: int) -> int:
     """How many stage-1 programs one SM holds: the smaller of the register and shared-memory limits.
@@ -294,6 +295,7 @@ def programs_per_sm(block_n: int, block_d: int, block_h: int, elem_bytes: int, n
     return max(1, min(REGISTERS_PER_SM // regs, smem_per_sm // smem))
 
 
+@functools.lru_cache(maxsize=4096)  # eager decode asks once per layer with the same ints
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int, per_sm: int = 4) -> int:
     """Split count from host integers only (CUDA-graph safe), by a small model of the waves.
 
