@@ -1,11 +1,22 @@
 # labengine lab: everyday commands. `make help` lists them.
+# No need to activate anything. The python is, as in tools/_env.sh: an active virtual
+# environment's, else the repo's .venv (made by tools/lab.sh or tools/test.sh), else python3
+# (e.g. an active conda environment's). `make PYTHON=...` overrides. labengine is installed
+# in that environment (editable); nothing here touches PYTHONPATH.
+ifneq ($(VIRTUAL_ENV),)
 PYTHON ?= python
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+else ifneq ($(wildcard .venv/bin/python),)
+PYTHON ?= .venv/bin/python
+else
+PYTHON ?= python3
+endif
+# Jupyter refuses to run as root unless told (containers, CI).
+JUPYTER_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: help lab test test-notebooks notebooks exercises check-sync grade strip
 
 help:
-	@echo "make lab                    open JupyterLab on the lesson notebooks (labs/)"
+	@echo "make lab                    open JupyterLab on the lesson notebooks (labs/); set up first with bash tools/lab.sh"
 	@echo "make test                   run the test suite (python -m pytest)"
 	@echo "make test-notebooks         execute every lab and solution under nbval, plus tests/test_notebooks.py"
 	@echo "make notebooks              rebuild labs/ and solutions/ from tools/notebooks/"
@@ -15,7 +26,7 @@ help:
 	@echo "                            (EX: a path, e.g. EX=~/my_ex1_5_1.ipynb, or a name in exercises/)"
 
 lab:
-	$(PYTHON) -m jupyter lab labs/01_llm_class.ipynb
+	$(PYTHON) -m jupyter lab --notebook-dir=. $(JUPYTER_ROOT_FLAG) labs/01_llm_class.ipynb
 
 test:
 	$(PYTHON) -m pytest

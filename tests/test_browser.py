@@ -64,7 +64,6 @@ def lab(tmp_path):
         (d / f"{name}.jupyterlab-settings").write_text(json.dumps(value))
     port = _free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     env["MPLBACKEND"] = "Agg"
     env["JUPYTER_CONFIG_DIR"] = str(tmp_path / "config")
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")

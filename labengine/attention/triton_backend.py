@@ -33,8 +33,6 @@ def _import_kernels():
     """`labengine.kernels` once installed; from a source checkout, the repo's kernels/ folder."""
     try:
         import labengine.kernels as kernels
-
-        return kernels
     except ImportError:
         folder = Path(__file__).resolve().parents[2] / "kernels"
         if not (folder / "__init__.py").exists():
@@ -42,13 +40,14 @@ def _import_kernels():
         spec = importlib.util.spec_from_file_location(
             "labengine.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
         )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["labengine.kernels"] = module
-        spec.loader.exec_module(module)
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["labengine.kernels"] = kernels
+        spec.loader.exec_module(kernels)
         import labengine
 
-        labengine.kernels = module
-        return module
+        labengine.kernels = kernels
+    kernels.store_kv  # without triton the package imports, but its launchers raise ImportError
+    return kernels
 
 
 kernels = _import_kernels()
