@@ -232,7 +232,9 @@ class LLMEngine:
             if p.use_beam_search or p.logits_processors or (
                     p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0):
                 return False
-            if p.min_tokens and min(s.get_output_len() for s in group.seqs_dict.values()) + 1 < p.min_tokens:
+            # The sampler's min_tokens mask counts the tokens on the host, which in a step
+            # launched ahead lack prev's token: run ahead only once the mask is off either way.
+            if p.min_tokens and min(s.get_output_len() for s in group.seqs_dict.values()) < p.min_tokens:
                 return False
             # A seeded request draws one number per running sequence from its own generator:
             # a sequence that ends in this step must not draw in the next one, or the

@@ -80,7 +80,29 @@ def test_async_scheduling_changes_nothing_but_timing(model_path, blocks, mode):
     # Tokens, finish reasons and logprob keys are identical; logprob values may differ in the
     # last float bits, because the steps batch the requests differently around preemptions.
     assert asyn[0] == sync[0]
-    assert asyn[1] == pytest.approx(sync[1], abs=1e-2)
+    assert asyn[1] == pytest.approx(sync[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("min_tokens", [1, 2, 4])
+def test_min_tokens_mask_ends_at_the_same_token_when_running_ahead(model_path, min_tokens):
+    """The min_tokens mask reads how many tokens a sequence has; a step launched ahead samples
+    before the previous token is appended, so running ahead must wait until the mask is off for
+    good, or the first unmasked token's logprob is computed with the stop ids still masked."""
+    def logprobs(async_scheduling):
+        llm = LLM(str(model_path), async_scheduling=async_scheduling, skip_tokenizer_init=True, seed=0)
+        engine = llm.llm_engine
+        counter = count_lookaheads(engine)
+        vocab = engine.model_runner.vocab_size
+        # stop ids that carry real probability mass: all but the 8 largest of a random model's vocab
+        params = SamplingParams(temperature=0, max_tokens=8, min_tokens=min_tokens, logprobs=0,
+                                stop_token_ids=list(range(8, vocab)), ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)[0].outputs[0]
+        return [d[t].logprob for d, t in zip(out.logprobs, out.token_ids)], counter["launched"]
+
+    sync, _ = logprobs(False)
+    asyn, launched = logprobs(True)
+    assert launched > 0
+    assert asyn == pytest.approx(sync, abs=1e-6)
 
 
 def test_step_outputs_lag_one_step_and_nothing_is_reported_twice(model_path):

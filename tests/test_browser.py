@@ -130,7 +130,6 @@ def _open_and_run_all(page, url, name, sync_api):
 def test_slider_in_chromium_changes_the_output(lab):
     from playwright import sync_api  # a test dependency (pyproject [test]); only chromium may be missing
     url, tmp_path = lab
-    t0 = time.time()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -159,7 +158,6 @@ def test_slider_in_chromium_changes_the_output(lab):
             raise
         finally:
             browser.close()
-    assert time.time() - t0 < 90
 
 
 def test_lab_notebook_slider_in_chromium(lab):

@@ -78,17 +78,7 @@ class LabengineBackend:
         return self._run([prompt], SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
 
 
-def _engine_available():
-    try:
-        from labengine import LLM, SamplingParams  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-BACKENDS = {"transformers": TransformersBackend}
-if _engine_available():
-    BACKENDS["labengine"] = LabengineBackend
+BACKENDS = {"transformers": TransformersBackend, "labengine": LabengineBackend}
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))

@@ -250,19 +250,12 @@ def test_checker_attached_mid_run_is_lenient_about_earlier_blocks():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A small model for real runs: the embedded one, else a random-weight one."""
-    import labengine
-    if not hasattr(labengine, "LLM"):
-        pytest.skip("labengine.LLM is not there yet")
-    try:
-        from labengine.testing import make_random_model
-    except ImportError:
-        make_random_model = None
-    if make_random_model is not None:
-        path = tmp_path_factory.mktemp("model")
-        make_random_model("llama", str(path))
-        return str(path)
-    pytest.skip("no labengine.testing.make_random_model yet")
+    """A small random-weight model for real runs."""
+    from labengine.testing import make_random_model
+
+    path = tmp_path_factory.mktemp("model")
+    make_random_model("llama", str(path))
+    return str(path)
 
 
 def _params(**kw):

@@ -135,8 +135,8 @@ def test_backend_decode_under_cuda_graph():
 def test_engine_greedy_matches_torch_backend(tmp_path):
     """The whole engine on a tiny random-weight GQA Llama: greedy tokens with the Triton
     backend (interpreter on CPU, kernels on a GPU) equal those of the PyTorch reference (fp32)."""
-    llm_mod = pytest.importorskip("labengine.llm")
-    testing = pytest.importorskip("labengine.testing")
+    from labengine import llm as llm_mod
+    from labengine import testing
     from labengine.sampling_params import SamplingParams
 
     path = testing.make_random_model("llama", tmp_path / "m", seed=0)
