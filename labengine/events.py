@@ -8,6 +8,7 @@ This module imports nothing from labengine.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
@@ -132,13 +133,23 @@ EVENT_TYPES = (RequestAdded, Scheduled, BlockAllocated, BlockFreed, BlockCopied,
 
 
 class EventBus:
-    """Synchronous publish/subscribe; one per engine."""
+    """Synchronous publish/subscribe; one per engine.
+
+    Async scheduling decides step s+1 (and allocates its blocks) before step s completes.
+    So that a trace reads the same with async scheduling on and off, the engine wraps that
+    early decision in hold() ... end_hold(): its events are kept back and delivered by
+    release(), after step s's step_finished, stamped with step s+1. A block allocated while
+    held and freed before the release (its request finished in step s, so a synchronous
+    engine would never have allocated it) is delivered neither allocated nor freed.
+    """
 
     def __init__(self) -> None:
         self._subscribers: list[Callable[[Event], None]] = []
         self.active = False  # True while anyone listens: publishers check it first
         self.step = 0
         self.t0 = time.perf_counter()
+        self._holding = False
+        self._held: list[Event] = []  # events of the step decided ahead, not yet delivered
 
     def subscribe(self, fn: Callable[[Event], None]) -> None:
         self._subscribers.append(fn)
@@ -152,5 +163,37 @@ class EventBus:
     def emit(self, event_cls, **fields) -> None:
         """Build the event (stamped with step and t) and deliver it to every subscriber."""
         event = event_cls(step=self.step, t=time.perf_counter() - self.t0, **fields)
+        if self._holding:
+            self._held.append(event)
+            return
+        if self._held and event_cls is BlockFreed:
+            for i, e in enumerate(self._held):
+                if (e.kind == "block_allocated" and (e.device, e.block, e.seq_id) ==
+                        (event.device, event.block, event.seq_id)):
+                    del self._held[i]  # allocated ahead, never used: neither event is delivered
+                    return
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         for fn in list(self._subscribers):
             fn(event)
+
+    # async scheduling: the next step's events, kept back until the current step is published
+    def hold(self) -> None:
+        """Keep back the events emitted from now until end_hold() (they belong to the next step)."""
+        self._holding = True
+
+    def end_hold(self) -> None:
+        """Deliver events again; what was held waits for release()."""
+        self._holding = False
+
+    def held_blocks(self, device: str = "gpu") -> set:
+        """The blocks allocated by held events (in use in the block manager, not yet published)."""
+        return {e.block for e in self._held if e.kind == "block_allocated" and e.device == device}
+
+    def release(self) -> None:
+        """Deliver the held events, stamped with the current step and time."""
+        held, self._held = self._held, []
+        t = time.perf_counter() - self.t0
+        for e in held:
+            self._deliver(dataclasses.replace(e, step=self.step, t=t))

@@ -178,13 +178,24 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if prev is not None:
             nxt = None
+            bus = self.event_bus
             try:
                 if prev.tokens is not None and self._can_run_ahead(prev):
-                    out = self.scheduler.schedule_lookahead()
-                    if out is not None:
-                        nxt = self._launch(out, t0, pending=(prev.tokens, prev.rows))
+                    # The next step is decided before `prev` is published: its events (blocks
+                    # allocated for it) are held back and published as the next step's, so the
+                    # trace's ledger is the same as with async scheduling off.
+                    bus.hold()
+                    try:
+                        out = self.scheduler.schedule_lookahead()
+                        if out is not None:
+                            nxt = self._launch(out, t0, pending=(prev.tokens, prev.rows))
+                    finally:
+                        bus.end_hold()
             finally:
-                outputs = self._complete(prev, final_only)
+                try:
+                    outputs = self._complete(prev, final_only)
+                finally:
+                    bus.release()
             self._inflight = nxt
             return outputs
         out = self.scheduler.schedule()
@@ -291,7 +302,8 @@ class LLMEngine:
                      batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1
                                     for s in out.scheduled_seq_groups),
                      num_prefill_tokens=num_prefill, num_decode_tokens=out.num_batched_tokens - num_prefill,
-                     kv_blocks_used=bm.get_num_used_gpu_blocks(), kv_blocks_total=bm.num_gpu_blocks,
+                     kv_blocks_used=bm.get_num_used_gpu_blocks() - len(bus.held_blocks()),
+                     kv_blocks_total=bm.num_gpu_blocks,
                      num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                      num_swapped=len(self.scheduler.swapped))
         bus.step += 1

@@ -706,6 +706,9 @@ class InvariantChecker:
             if refs and not self._lenient_frees:
                 in_use = {b for b, rc in enumerate(refs) if rc > 0}
                 ledger = {b for (d, b) in self.owner if d == dev}
+                held = getattr(self.bus, "held_blocks", None)  # async scheduling: the next step's
+                if held is not None:
+                    ledger |= held(dev)
                 for blk in sorted(in_use ^ ledger):
                     what = ("in use (ref count %d) but the events never allocated it" % refs[blk]
                             if blk in in_use else

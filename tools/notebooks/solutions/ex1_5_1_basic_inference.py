@@ -74,10 +74,16 @@ check_equal("the completions are the model's greedy ones",
 
 # %% tags=["check"]
 # Check 3: the timing is of that call
+# The engine stamps every request's arrival and finish (RequestOutput.metrics): the call
+# lasts at least from the first arrival to the last finish, and little more.
 _m = [o.metrics for o in greedy_outputs]
 _span = max(m.finished_time for m in _m) - min(m.arrival_time for m in _m)
-check("elapsed_s covers the generate call", _span * 0.95 <= elapsed_s <= _span + 10,
-      f"{elapsed_s:.3f} s measured, the engine's own metrics say the requests took {_span:.3f} s")
+_slack = max(1.0, 0.5 * _span)
+check("elapsed_s is a number of seconds", isinstance(elapsed_s, (int, float)) and elapsed_s > 0, repr(elapsed_s))
+check("elapsed_s is the time of the generate call", _span * 0.95 <= elapsed_s <= _span + _slack,
+      f"{elapsed_s:.3f} s measured; the engine's own metrics say the requests took {_span:.3f} s",
+      hint="time exactly the one llm.generate call: t0 = time.perf_counter() just before it, "
+           "elapsed_s = time.perf_counter() - t0 just after it")
 _n = sum(len(o.outputs[0].token_ids) for o in greedy_outputs)
 check_close("tokens_per_s = generated tokens / elapsed_s", tokens_per_s, _n / elapsed_s, rel=0.01)
 

@@ -63,7 +63,9 @@ _iv = [(o.metrics.first_scheduled_time, o.metrics.finished_time) for o in batch_
 check("the requests ran at the same time (one batch)", intervals_overlap(_iv),
       "their [scheduled, finished] intervals overlap")
 _span = max(o.metrics.finished_time for o in batch_outputs) - min(o.metrics.arrival_time for o in batch_outputs)
-check("batch_s is the time of that call", _span * 0.95 <= batch_s <= _span + 10, f"{batch_s:.2f} s")
+check("batch_s is the time of that call", _span * 0.95 <= batch_s <= _span + max(1.0, 0.5 * _span),
+      f"{batch_s:.2f} s measured; the engine's own metrics say the batch took {_span:.2f} s",
+      hint="time exactly the one llm.generate call with time.perf_counter()")
 check_close("batch_rps = len(prompts) / batch_s", batch_rps, len(prompts) / batch_s, rel=0.01)
 
 # %% [markdown]
@@ -91,6 +93,11 @@ check_equal("one output per prompt, in order", [o.prompt for o in single_outputs
 _iv = [(o.metrics.first_scheduled_time, o.metrics.finished_time) for o in single_outputs]
 check("no two requests ran at the same time", not intervals_overlap(_iv), "their intervals never overlap")
 check_same_greedy("same tokens as the batch (greedy)", single_outputs, batch_outputs, llm)
+_span = max(o.metrics.finished_time for o in single_outputs) - min(o.metrics.arrival_time for o in single_outputs)
+check("single_s is the time of the loop", _span * 0.95 <= single_s <= _span + max(1.0, 0.5 * _span),
+      f"{single_s:.2f} s measured; the engine's own metrics say the loop took {_span:.2f} s "
+      "(first arrival to last finish)",
+      hint="start the clock just before the loop and stop it just after it")
 check_close("single_rps = len(prompts) / single_s", single_rps, len(prompts) / single_s, rel=0.01)
 check_close("speedup = batch_rps / single_rps", speedup, batch_rps / single_rps, rel=0.01)
 check("the speedup is a measurement", speedup > 0, f"{speedup:.1f}x on this machine")

@@ -57,20 +57,25 @@ check_equal("with include_stop_str_in_output the text ends with STOP", stopped_k
 # ## Task 2: `max_tokens` and `min_tokens`
 #
 # 1. `short`: generate `PROMPT` greedily with `max_tokens=7` (no stop string).
-# 2. `forced`: the same stop string as in Task 1, but with `min_tokens` set so that the stop
-#    string **cannot** fire where it did in Task 1: choose `MIN_TOKENS` larger than the number
-#    of tokens `stopped` has, and use `max_tokens=32`.
+# 2. `early` and `forced`: choose `STOP2`, a string that occurs **at least twice** in
+#    `reference.text` (a short word or a comma will do). `early`: generate `PROMPT` greedily
+#    with `max_tokens=32` and `stop=[STOP2]`; it stops at the first occurrence. `forced`: the
+#    same, plus `min_tokens=MIN_TOKENS`, with `MIN_TOKENS` larger than the number of tokens
+#    `early` has, so that the first occurrence **cannot** stop it; it stops at a later one.
 #
-# Store both `CompletionOutput`s and print their lengths and finish reasons.
+# Store the three `CompletionOutput`s and print their lengths, finish reasons and texts.
 
 # %% tags=["solution"]
 ### BEGIN SOLUTION
 short = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=7), use_tqdm=False)[0].outputs[0]
-MIN_TOKENS = len(stopped.token_ids) + 3
-forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP], min_tokens=MIN_TOKENS),
+STOP2 = next(w for w in reference.text.split() if reference.text.count(w) >= 2)
+early = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2]),
+                     use_tqdm=False)[0].outputs[0]
+MIN_TOKENS = len(early.token_ids) + 1
+forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2], min_tokens=MIN_TOKENS),
                       use_tqdm=False)[0].outputs[0]
-for c in (short, forced):
-    print(len(c.token_ids), c.finish_reason, repr(c.text))
+for c in (short, early, forced):
+    print(len(c.token_ids), c.finish_reason, repr(c.stop_reason), repr(c.text))
 ### END SOLUTION
 
 # %% tags=["check"]
@@ -78,12 +83,24 @@ for c in (short, forced):
 check_equal("short: 7 tokens", len(short.token_ids), 7)
 check_equal("short: finish_reason", short.finish_reason, "length")
 check_equal("short: the greedy text's first 7 tokens", short.token_ids, reference.token_ids[:7])
-check("MIN_TOKENS is past where STOP fired", MIN_TOKENS > len(stopped.token_ids),
-      f"{MIN_TOKENS} > {len(stopped.token_ids)}")
-check("forced has at least MIN_TOKENS tokens", len(forced.token_ids) >= MIN_TOKENS,
-      f"{len(forced.token_ids)} >= {MIN_TOKENS}")
-check("forced continued past the first STOP", len(forced.text) > len(stopped.text),
-      f"{len(forced.text)} characters instead of {len(stopped.text)}")
+check("STOP2 occurs at least twice in the greedy text", isinstance(STOP2, str) and len(STOP2) > 0
+      and reference.text.count(STOP2) >= 2, f"{STOP2!r} occurs {reference.text.count(STOP2)} times")
+_early = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2]), use_tqdm=False)[0].outputs[0]
+check_equal("early: stopped by STOP2 at its first occurrence", (early.token_ids, early.finish_reason, early.stop_reason),
+            (_early.token_ids, "stop", STOP2), hint="early uses stop=[STOP2] and no min_tokens")
+check("MIN_TOKENS is past where STOP2 first fired", MIN_TOKENS > len(early.token_ids),
+      f"{MIN_TOKENS} > {len(early.token_ids)}")
+# The engine's answer to the request the task describes: forced must be that output.
+_forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2], min_tokens=MIN_TOKENS),
+                       use_tqdm=False)[0].outputs[0]
+check_equal("forced was generated with stop=[STOP2] and min_tokens=MIN_TOKENS",
+            (forced.token_ids, forced.finish_reason, forced.stop_reason),
+            (_forced.token_ids, _forced.finish_reason, _forced.stop_reason),
+            hint="generate PROMPT greedily with max_tokens=32, stop=[STOP2] and min_tokens=MIN_TOKENS")
+check("forced stopped at a later STOP2", forced.finish_reason == "stop" and forced.stop_reason == STOP2
+      and len(forced.token_ids) >= MIN_TOKENS,
+      f"finish_reason={forced.finish_reason!r} after {len(forced.token_ids)} tokens (min_tokens={MIN_TOKENS})",
+      hint="choose MIN_TOKENS so that a later occurrence of STOP2 still lies within the 32 tokens")
 
 # %% [markdown]
 # ## Task 3: counting finish reasons

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt
 
 import labengine
 from labengine import LLM, SamplingParams, viz
-from labengine.grading import (blocks_needed, check, check_equal, check_same_greedy, preempted_request_ids,
-                               preemptions)
+from labengine.grading import (blocks_needed, check, check_equal, check_same_greedy, intervals_overlap,
+                               preempted_request_ids, preemptions)
 
 MODEL = labengine.DEFAULT_MODEL
 BLOCK_SIZE, NUM_BLOCKS = 8, 16
@@ -89,8 +89,9 @@ check("preemption happened", len(preemptions(_df)) > 0, f"{len(preemptions(_df))
 # * `holders`: the set of request ids that held at least one device block just before that
 #   first preemption (replay the `block_allocated` / `block_freed` rows that come before it;
 #   rows with `device == "gpu"`);
-# * `victim_is_newest`: `True` if the victim arrived after every other request in `holders`
-#   (arrival order = the order of the `request_added` rows);
+# * `arrived_last(df, request_id, among)`: a function that returns `True` if `request_id`
+#   arrived after every other request of the set `among` (arrival order = the order of the
+#   `request_added` rows of `df`), and `victim_is_newest = arrived_last(df, victim, holders)`;
 # * `freed_by_preemption`: how many blocks were freed with `reason == "preempted"` in the whole run;
 # * `recomputed_tokens`: the prefill tokens the run processed (`num_prefill_tokens` of the
 #   `step_finished` rows, summed) minus the tokens of the prompts themselves: the work that
@@ -111,8 +112,11 @@ for ev, rid in zip(ledger["event"], ledger["request_id"]):
     held[rid] = held.get(rid, 0) + (1 if ev == "block_allocated" else -1)
 holders = {rid for rid, n in held.items() if n > 0}
 
-arrival = list(df.loc[df["event"] == "request_added", "request_id"])
-victim_is_newest = all(arrival.index(victim) > arrival.index(r) for r in holders if r != victim)
+def arrived_last(df, request_id, among):
+    arrival = list(df.loc[df["event"] == "request_added", "request_id"])
+    return all(arrival.index(request_id) > arrival.index(r) for r in among if r != request_id)
+
+victim_is_newest = arrived_last(df, victim, holders)
 
 freed_by_preemption = int(((df["event"] == "block_freed") & (df["reason"] == "preempted")).sum())
 prefill = int(df.loc[df["event"] == "step_finished", "num_prefill_tokens"].sum())
@@ -137,6 +141,14 @@ check_equal("holders", set(holders), _holders)
 _order = list(_df.loc[_df["event"] == "request_added", "request_id"])
 _newest = max(_holders, key=_order.index)
 check_equal("victim_is_newest", bool(victim_is_newest), _newest == _pre.iloc[0]["request_id"])
+# arrived_last on every request that held blocks: True for the newest only
+check_equal("arrived_last(df, r, holders) for each holder r, in arrival order",
+            [bool(arrived_last(_df, _r, _holders)) for _r in sorted(_holders, key=_order.index)],
+            [_r == _newest for _r in sorted(_holders, key=_order.index)],
+            hint="compare the positions of the request_added rows")
+_all = sorted(set(_order), key=_order.index)
+check_equal("arrived_last(df, r, all requests) for each request r", [bool(arrived_last(_df, _r, set(_all))) for _r in _all],
+            [_r == _all[-1] for _r in _all])
 check_equal("freed_by_preemption",
             int(freed_by_preemption), int(((_df["event"] == "block_freed") & (_df["reason"] == "preempted")).sum()))
 _pf = int(_df.loc[_df["event"] == "step_finished", "num_prefill_tokens"].sum())
@@ -159,6 +171,17 @@ print(f"{sum(same)} of {len(same)} requests generated the same tokens with and w
 # %% tags=["check"]
 # Check 4: preemption changed when, not what
 check_equal("alone: one output per prompt, in order", [a.prompt for a in alone], list(prompts))
+check("alone are new runs, not the traced ones",
+      not {a.request_id for a in alone} & {o.request_id for o in outputs},
+      "their request ids differ from the traced run's",
+      hint="call llm.generate once per prompt; don't reuse `outputs`")
+check("the traced run (outputs) is the one that was preempted",
+      bool(preempted_request_ids(_df) & {o.request_id for o in outputs}), "some of its requests were preempted")
+check("alone ran one request at a time", not intervals_overlap(
+      [(a.metrics.first_scheduled_time, a.metrics.finished_time) for a in alone]),
+      "no two of them ran at the same time (so nothing had to be preempted)")
+check("every alone request generated max_tokens tokens",
+      all(a.finished and len(a.outputs[0].token_ids) == params.max_tokens for a in alone), f"{params.max_tokens} each")
 check_same_greedy("every request generated the same tokens, preempted ones included", alone, outputs, llm)
 
 # %% [markdown]
