@@ -2,11 +2,13 @@
 
 Field names and defaults follow the OpenAI API, plus vLLM v0.5.4's extra sampling fields
 (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, use_beam_search, ...).
-`to_sampling_params()` maps a request onto labengine's SamplingParams; SamplingParams
+`sampling_kwargs()` maps a request onto labengine's SamplingParams; SamplingParams
 itself validates the values (one place validates each input), and the server turns its
 ValueError into an HTTP 400 that names the field.
 
-Unknown fields are ignored, as vLLM does. Defaults that differ from OpenAI's, as in vLLM:
+Unknown fields are refused (400 naming the field), as vLLM 0.5.4's protocol does
+(`extra="forbid"`): a misspelt parameter must not be silently dropped. Defaults that differ
+from OpenAI's, as in vLLM:
 chat `temperature` is 0.7 (vLLM 0.5.4) and chat `max_tokens` defaults to "until the model's
 maximum length".
 """
@@ -24,7 +26,7 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------- errors

@@ -1,0 +1,365 @@
+"""What the completions and chat endpoints share (vLLM's `serving_engine.OpenAIServing`).
+
+`OpenAIServing` holds the engine, the served model name and the tokenizer, and gives both
+endpoints the same rules: the model check, request -> SamplingParams (errors become 400s
+naming the field), starting engine requests and reading their first outputs, watching
+the client, and the one streaming helper (`ChoiceDeltas` + `sse_stream`) both streaming
+loops are built on. Logprob formatting for both APIs lives here too.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from labengine.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatTokenLogprob, ChatTopLogprob,
+                                                   CompletionLogProbs, ErrorInfo, ErrorResponse, UsageInfo)
+
+logger = logging.getLogger("labengine.serve")
+
+
+# ---------------------------------------------------------------------- errors
+class OpenAIError(Exception):
+    """An error answered to the client with OpenAI's error body."""
+
+    def __init__(self, message: str, *, status: int = 400, param: Optional[str] = None,
+                 type: str = "invalid_request_error", code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+_SAMPLING_FIELDS = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                    "temperature", "top_p", "top_k", "min_p", "seed", "use_beam_search", "length_penalty",
+                    "early_stopping", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+                    "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize",
+                    "skip_special_tokens", "spaces_between_special_tokens", "logits_processors",
+                    "truncate_prompt_tokens")
+
+
+def param_of_error(message: str, rename: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Which request field a SamplingParams / engine error message is about."""
+    rename = rename or {}
+    m = re.match(r"\s*`?(\w+)`?\s", message)
+    field = None
+    if m and m.group(1) in _SAMPLING_FIELDS:
+        field = m.group(1)
+    elif re.search(r"more than \d+ logprobs", message):
+        field = "prompt_logprobs" if "prompt" in message else "logprobs"
+    elif "greedy sampling" in message:
+        field = "best_of"
+    elif "beam search" in message:
+        field = "use_beam_search"
+    else:
+        for name in _SAMPLING_FIELDS:  # a message that names one field, anywhere
+            if re.search(rf"\b{name}\b", message):
+                field = name
+                break
+    return rename.get(field, field) if field else None
+
+
+# ---------------------------------------------------------------------- logprobs
+def _clamp(lp: float) -> float:
+    return max(lp, -9999.0) if not math.isnan(lp) else -9999.0
+
+
+class TokenText:
+    """Token id -> text, from the Logprob's decoded_token or the tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, token_id: int, lp) -> str:
+        if lp is not None and getattr(lp, "decoded_token", None) is not None:
+            return lp.decoded_token
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id])
+
+
+def _sorted_top(step: Dict[int, Any]):
+    return sorted(step.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
+                                                -kv[1].logprob))
+
+
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[Dict[int, Any]], num_top: int,
+                        text_of: TokenText, initial_offset: int = 0) -> CompletionLogProbs:
+    """OpenAI completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
+
+    top_logprobs holds, like vLLM's, the top `num_top` tokens plus the sampled one.
+    """
+    out = CompletionLogProbs()
+    offset = initial_offset
+    for tid, step in zip(token_ids, logprobs):
+        step = step or {}
+        lp = step.get(tid)
+        tok = text_of(tid, lp)
+        out.tokens.append(tok)
+        out.token_logprobs.append(_clamp(lp.logprob) if lp is not None else None)
+        top: Dict[str, float] = {}
+        for t, l in _sorted_top(step):
+            if (l.rank is not None and l.rank <= num_top) or t == tid:
+                top.setdefault(text_of(t, l), _clamp(l.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(tok)
+    return out
+
+
+def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[Dict[int, Any]], num_top: int,
+                  text_of: TokenText) -> ChatChoiceLogprobs:
+    """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and the top `num_top`."""
+    content = []
+    for tid, step in zip(token_ids, logprobs):
+        step = step or {}
+        lp = step.get(tid)
+        tok = text_of(tid, lp)
+        tops = []
+        for t, l in _sorted_top(step)[:num_top] if num_top else []:
+            s = text_of(t, l)
+            tops.append(ChatTopLogprob(token=s, logprob=_clamp(l.logprob), bytes=list(s.encode("utf-8"))))
+        content.append(ChatTokenLogprob(token=tok, logprob=_clamp(lp.logprob) if lp is not None else -9999.0,
+                                        bytes=list(tok.encode("utf-8")), top_logprobs=tops))
+    return ChatChoiceLogprobs(content=content)
+
+
+def usage_of(outs) -> UsageInfo:
+    prompt_tokens = completion_tokens = 0
+    for out in outs:
+        prompt_tokens += len(out.prompt_token_ids or ())
+        completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def logit_bias_processor(logit_bias: Dict[str, float], tokenizer):
+    """OpenAI's logit_bias as a logits processor (token id keys, values in [-100, 100])."""
+    vocab = len(tokenizer) if tokenizer is not None else None
+    bias: Dict[int, float] = {}
+    for key, value in logit_bias.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if tid < 0 or (vocab is not None and tid >= vocab):
+            raise OpenAIError(f"logit_bias token id {tid} is out of vocabulary", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise OpenAIError(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+        bias[tid] = float(value)
+    ids = list(bias)
+    values = list(bias.values())
+
+    def apply_logit_bias(output_ids, logits):
+        import torch
+
+        idx = torch.tensor(ids, dtype=torch.long, device=logits.device)
+        logits[idx] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        return logits
+
+    return apply_logit_bias
+
+
+# ---------------------------------------------------------------------- engine streams
+async def first_outputs(gens) -> List[Any]:
+    """The first output of each stream; the engine's validation errors surface here."""
+
+    async def first(g):
+        try:
+            return await g.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    results = await asyncio.gather(*(first(g) for g in gens), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for g in gens:
+            with contextlib.suppress(Exception):
+                await g.aclose()
+        raise errors[0]
+    return results
+
+
+async def merge_outputs(gens, firsts) -> AsyncIterator[tuple]:
+    """Yield (prompt_index, output) from several streams as they arrive, firsts first."""
+    for i, f in enumerate(firsts):
+        if f is not None:
+            yield i, f
+    live = [i for i, f in enumerate(firsts) if f is not None and not f.finished]
+    if len(live) == 1:
+        i = live[0]
+        async for out in gens[i]:
+            yield i, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i):
+        try:
+            async for out in gens[i]:
+                queue.put_nowait((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+            return
+        queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in live]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, coro):
+    """Run coro; if the client goes away first, cancel it (which aborts its requests) and return None."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
+        if not task.done():
+            task.cancel()
+
+
+# ---------------------------------------------------------------------- streaming
+def sse(obj) -> str:
+    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+class ChoiceDeltas:
+    """What each streamed choice has already been sent, so each chunk carries only the new part.
+
+    Engine outputs are cumulative; `take(idx, o)` returns the text, token ids and logprobs
+    that choice `idx` gained since the last call, and remembers the new position.
+    """
+
+    def __init__(self) -> None:
+        self._sent: Dict[int, tuple] = {}  # choice index -> (characters sent, tokens sent)
+
+    def is_new(self, idx: int) -> bool:
+        if idx in self._sent:
+            return False
+        self._sent[idx] = (0, 0)
+        return True
+
+    def take(self, idx: int, o):
+        chars, tokens = self._sent[idx]
+        self._sent[idx] = (len(o.text), len(o.token_ids))
+        new_logprobs = o.logprobs[tokens:] if o.logprobs is not None else None
+        return o.text[chars:], o.token_ids[tokens:], new_logprobs
+
+
+async def sse_stream(chunks: AsyncIterator[str], gens, what: str) -> AsyncIterator[str]:
+    """The server-sent-event body of one streaming response: `chunks`, then `data: [DONE]`.
+
+    An error after the response has started can only be told in-band (an error event);
+    whatever happens, every engine request of the response is closed (aborted if live).
+    """
+    try:
+        async for chunk in chunks:
+            yield chunk
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # engine died mid-stream: tell the client in-band
+        logger.exception("streaming %s failed", what)
+        yield sse(ErrorResponse(error=ErrorInfo(message=str(e), type="internal_server_error")))
+        yield "data: [DONE]\n\n"
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+# ---------------------------------------------------------------------- the shared base
+class OpenAIServing:
+    """State and rules both endpoints share."""
+
+    def __init__(self, engine, served_model_name: str, *, metrics=None) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.metrics = metrics
+        self.tokenizer = None
+        with contextlib.suppress(Exception):
+            self.tokenizer = engine.engine.get_tokenizer()
+        self.text_of = TokenText(self.tokenizer)
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.served_model_name:
+            raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model",
+                              code="model_not_found")
+
+    def make_params(self, kwargs: Dict[str, Any], logit_bias: Optional[Dict[str, float]],
+                    rename: Optional[Dict[str, str]] = None):
+        from labengine.sampling_params import SamplingParams
+
+        if logit_bias:
+            kwargs["logits_processors"] = [logit_bias_processor(logit_bias, self.tokenizer)]
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise OpenAIError(str(e), param=param_of_error(str(e), rename)) from None
+
+    @staticmethod
+    def engine_error(e: BaseException, prompt_param: str, rename=None) -> OpenAIError:
+        msg = str(e)
+        field = param_of_error(msg, rename)
+        if field is None or "prompt" in msg.lower():
+            field = prompt_param if ("prompt" in msg.lower() or field is None) else field
+        return OpenAIError(msg, param=field)
+
+    def start(self, prompt, params, request_id: str, arrival: float):
+        """One engine request's output stream (instrumented for /metrics when metrics are on)."""
+        gen = self.engine.generate(prompt, params, request_id, arrival_time=arrival)
+        return self.metrics.instrument(gen, arrival) if self.metrics is not None else gen
+
+    async def first_outputs(self, gens, prompt_param: str, rename=None) -> List[Any]:
+        try:
+            return await first_outputs(gens)
+        except (ValueError, TypeError) as e:
+            raise self.engine_error(e, prompt_param, rename) from None
+
+
+def check_streamable(req) -> None:
+    """OpenAI: best_of results and beam search cannot be streamed."""
+    if not req.stream:
+        return
+    if req.best_of is not None and req.best_of > req.n:
+        raise OpenAIError("best_of > n cannot be streamed", param="best_of")
+    if req.use_beam_search:
+        raise OpenAIError("beam search cannot be streamed", param="use_beam_search")
+
