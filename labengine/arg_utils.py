@@ -66,6 +66,7 @@ class EngineArgs:
     served_model_name: Optional[str] = None
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = False
+    guided_decoding_backend: str = "llguidance"  # vLLM v0.5.4 defaults to "outlines"; labengine has llguidance
     # labengine's own
     device: str = "auto"
     attention_backend: Optional[str] = None  # "torch", "triton" or None (auto)
@@ -97,6 +98,9 @@ class EngineArgs:
         for name in ("gpu_memory_utilization", "swap_space", "cpu_kv_cache_space"):
             _check_type(name, getattr(self, name), (int, float), "a number")
 
+        from labengine.guided_decoding import check_guided_decoding_backend
+
+        check_guided_decoding_backend(self.guided_decoding_backend)
         if isinstance(self.dtype, torch.dtype):
             if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise ValueError(f"Unknown dtype: {self.dtype}")

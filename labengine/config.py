@@ -115,6 +115,7 @@ class EngineConfig:
     check_invariants: bool
     disable_log_stats: bool
     async_scheduling: bool = False
+    guided_decoding_backend: str = "llguidance"
 
     @classmethod
     def from_engine_args(cls, args) -> "EngineConfig":
@@ -165,7 +166,8 @@ class EngineConfig:
                    device=device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                    max_seq_len_to_capture=args.max_seq_len_to_capture, max_logprobs=args.max_logprobs,
                    check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats,
-                   async_scheduling=_async_scheduling(args.async_scheduling, device))
+                   async_scheduling=_async_scheduling(args.async_scheduling, device),
+                   guided_decoding_backend=args.guided_decoding_backend)
 
 
 def _async_scheduling(value, device) -> bool:

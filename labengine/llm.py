@@ -11,6 +11,7 @@ import gc
 from typing import Optional, Sequence, Union
 
 from labengine.arg_utils import EngineArgs
+from labengine.guided_decoding import GuidedDecodingRequest, get_guided_decoding_logits_processor
 from labengine.llm_engine import LLMEngine
 from labengine.outputs import RequestOutput
 from labengine.sampling_params import SamplingParams
@@ -70,7 +71,14 @@ class LLM:
     # ------------------------------------------------------------------ generate
     def generate(self, prompts=None, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  prompt_token_ids: Optional[list[list[int]]] = None, use_tqdm: bool = True,
-                 lora_request=None) -> list[RequestOutput]:
+                 lora_request=None, guided_options_request=None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order.
+
+        ``guided_options_request`` (a `GuidedDecodingRequest` or its dict form, vLLM v0.5.4's
+        `LLMGuidedOptions`) constrains every prompt's output to a JSON schema, regex, choice
+        or grammar; each request gets its own guided logits processor (the caller's
+        SamplingParams are not changed).
+        """
         if lora_request is not None:
             raise ValueError("lora_request is not supported: labengine has no LoRA adapters.")
         inputs = self._collect_inputs(prompts, prompt_token_ids)
@@ -83,6 +91,9 @@ class LLM:
         else:
             params_list = [sampling_params] * len(inputs)
         engine = self.llm_engine
+        guided = GuidedDecodingRequest.from_options(guided_options_request)
+        if guided is not None and not guided.is_empty:
+            params_list = [self._add_guided_processor(sp, guided) for sp in params_list]
         # Validate the whole call before any request starts: nothing runs, nothing leaks.
         processed = [engine.process_request(p, sp) for p, sp in zip(inputs, params_list)]
         ids = []
@@ -91,6 +102,16 @@ class LLM:
             engine.add_processed_request(request_id, req)
             ids.append(request_id)
         return self._run_engine(ids, use_tqdm)
+
+    def _add_guided_processor(self, params: SamplingParams, guided: GuidedDecodingRequest) -> SamplingParams:
+        """A copy of `params` with one more logits processor: the guided one (a new one per request)."""
+        engine = self.llm_engine
+        processor = get_guided_decoding_logits_processor(
+            guided, engine.tokenizer, engine.model_runner.vocab_size, engine.eos_token_ids,
+            backend=guided.guided_decoding_backend or engine.guided_decoding_backend)
+        params = params.clone()
+        params.logits_processors = list(params.logits_processors or []) + [processor]
+        return params
 
     @staticmethod
     def _collect_inputs(prompts, prompt_token_ids) -> list:

@@ -66,6 +66,7 @@ class LLMEngine:
                                                 self.seq_counter)
         self.request_errors: dict[str, BaseException] = {}
         self.async_scheduling = config.async_scheduling
+        self.guided_decoding_backend = config.guided_decoding_backend
         self._inflight: Optional[_Inflight] = None  # a decode step launched, not yet completed
         self.invariant_checker = None
         if config.check_invariants:
