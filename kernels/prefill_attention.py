@@ -6,13 +6,23 @@ the earlier chunks of a chunked prompt). The new keys/values have already been w
 into the cache, so every key, old or new, is read the same way: through the block table.
 Query token i sits at absolute position ctx + i and attends keys 0 .. ctx + i.
 
-Kernel: grid (num_seqs, cdiv(max_query_len, BLOCK_M), num_q_heads). A program takes
-BLOCK_M query tokens of one head of one sequence, walks the keys in BLOCK_N tiles of
-whole pages up to the causal limit of its last row (tiles past it are never loaded),
-masks the diagonal tile(s) causally, and keeps an online softmax (as flash-attention).
-Programs whose query block lies past the sequence's q_len return at once (the grid is
-sized by the longest prompt). The query heads of one KV head run as separate programs
-and share K/V tiles through the L2 cache; correctness and clarity come first here.
+Kernel (flash-attention 2 on the paged cache): grid (num_q_heads, num_seqs, query blocks).
+A program takes BLOCK_M query rows of one head of one sequence and walks the keys in
+tiles of BLOCK_N with an online softmax, in two phases:
+
+* keys before the block's first row are visible to every row: whole tiles, no masks;
+* the diagonal tiles (from the tile holding the first row's position up to the last row's
+  causal limit) carry the causal and length masks. Tiles past the last row's limit are
+  never visited, so causal prefill does half the work of a full square.
+
+The softmax runs in base 2 with the scale folded into one FMA per score
+(exp2(s * scale * log2 e - m)), the P.V product accumulates into the output tile inside
+`tl.dot` (tensor cores keep the accumulator), and the block-table entries of the next
+tile are read one tile ahead, so the K/V addresses of a tile never wait on a load of the
+same iteration and triton's software pipeliner can keep several K/V tiles in flight
+(num_stages). The query blocks run heaviest first (the last block of a prompt has the
+most keys), with the heads of a sequence side by side, so the query heads of one KV head
+read the same K/V tiles at about the same time (through the L2 cache).
 
 `prefill_attention_ref` is the PyTorch reference.
 """
@@ -26,31 +36,96 @@ from .decode_attention import LOG2E, dot, dot_ieee
 
 
 @triton.jit
+def dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b inside tl.dot (the tensor cores accumulate in place); IEEE as in `dot`."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _key_pages(bt_row, n0, seq_len, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """[BLOCK_N] int64: the physical block of each key n0 .. n0 + BLOCK_N - 1 (0 past seq_len)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(bt_row + pos // PAGE_SIZE, mask=pos < seq_len, other=0).to(tl.int64)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i,  # [BLOCK_M, BLOCK_D] queries; running output, max (log2 units), sum (fp32)
+    n0, pages,  # first key of the tile; [BLOCK_N] int64 physical block of each of its keys
+    q_pos, seq_len,  # [BLOCK_M] absolute position of each query row; keys in the sequence
+    k_head, v_head,  # K/V cache pointers offset to this KV head
+    sm_scale_log2,
+    stride_b, stride_t,  # block and token strides, shared by the K and V caches
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row (no masks)
+):
+    """One tile of BLOCK_N keys into the online softmax; returns (acc, m_i, l_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = n0 + offs_n
+    kv_off = pages * stride_b + (pos % PAGE_SIZE) * stride_t  # [BLOCK_N] offset of each key's row
+    k_ptrs = k_head + kv_off[None, :] + offs_d[:, None]  # K^T tile [BLOCK_D, BLOCK_N]
+    v_ptrs = v_head + kv_off[:, None] + offs_d[None, :]  # V tile [BLOCK_N, BLOCK_D]
+    mask_d = offs_d < HEAD_DIM  # HEAD_DIM is a multiple of 16: loads stay 16-byte vectors
+    if MASKED:
+        mask_n = pos < seq_len
+        k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+    qk = dot(q, k, DOT_IEEE)  # raw scores; the scale is folded into the exponent below
+    if MASKED:
+        # causal + length; key 0 is visible to every row and is in the first tile a program
+        # visits, so m_i is finite from the first tile on and no row divides 0 by 0
+        keep = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
+    p = tl.math.exp2(qk * sm_scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    acc = acc * alpha[:, None]
+    acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     Q,  # [T, Hq, D] new query tokens of all sequences, flattened; last dim contiguous
     K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache (new keys already stored)
-    V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache
+    V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache (same block/token strides as K)
     Out,  # [T, Hq, D] output
     Block_tables,  # [B, max_blocks] int32
     Query_start_loc,  # [B + 1] int32 cumulative query lengths
     Seq_lens,  # [B] int32 context + new tokens
     sm_scale_log2,  # float: softmax scale * log2(e)
     stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_kb, stride_kt, stride_kh,  # V shares K's block and token strides
+    stride_vh,
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM)
     PAGE_SIZE: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr,  # read the next tile's block-table entries one tile ahead
     DOT_IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    mblk = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    mblk = tl.num_programs(2) - 1 - tl.program_id(2)  # heaviest (last) query blocks first
 
     q_start = tl.load(Query_start_loc + b)
     q_len = tl.load(Query_start_loc + b + 1) - q_start
@@ -61,7 +136,6 @@ def _prefill_kernel(
     kvh = h // GROUP
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
@@ -77,36 +151,31 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # keys past the last row's causal limit are never needed
-    end = tl.minimum(seq_len, ctx + (mblk + 1) * BLOCK_M)
+    first_pos = ctx + mblk * BLOCK_M  # position of the block's first row
+    diag_start = first_pos // BLOCK_N * BLOCK_N  # every key before this is visible to every row
+    end = tl.minimum(seq_len, first_pos + BLOCK_M)  # the last row's causal limit
     bt_row = Block_tables + b.to(tl.int64) * stride_bt
     k_head = K_cache + kvh * stride_kh
     v_head = V_cache + kvh * stride_vh
-    for n0 in range(0, end, BLOCK_N):
-        pos = n0 + offs_n
-        mask_n = pos < end
-        page = tl.load(bt_row + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        tok = pos % PAGE_SIZE
-        k = tl.load(  # K^T tile [BLOCK_D, BLOCK_N]
-            k_head + page[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None],
-            mask=mask_d[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        qk = dot(q, k, DOT_IEEE) * sm_scale_log2
-        # causal + bounds; key 0 is visible to every row, so no row is all -inf
-        keep = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(  # V tile [BLOCK_N, BLOCK_D]
-            v_head + page[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_IEEE)
-        m_i = m_new
+
+    # phase 1: whole tiles below the diagonal, no masks
+    pages = _key_pages(bt_row, 0, seq_len, BLOCK_N, PAGE_SIZE)
+    for n0 in range(0, diag_start, BLOCK_N):
+        if TABLE_AHEAD:
+            next_pages = _key_pages(bt_row, n0 + BLOCK_N, seq_len, BLOCK_N, PAGE_SIZE)
+        else:
+            pages = _key_pages(bt_row, n0, seq_len, BLOCK_N, PAGE_SIZE)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
+        if TABLE_AHEAD:
+            pages = next_pages
+    # phase 2: the diagonal tiles, masked (at most cdiv(BLOCK_M, BLOCK_N) + 1 of them)
+    for n0 in range(diag_start, end, BLOCK_N):
+        pages = _key_pages(bt_row, n0, seq_len, BLOCK_N, PAGE_SIZE)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
     tl.store(
@@ -114,6 +183,19 @@ def _prefill_kernel(
         acc.to(Out.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
     )
+
+
+def prefill_config(max_query_len: int, head_size: int, on_gpu: bool) -> dict:
+    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD."""
+    block_d = max(16, triton.next_power_of_2(head_size))
+    if not on_gpu:  # the CPU interpreter: small tiles run fastest
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True)
+    block_m = 128 if block_d <= 128 else 64
+    # short prompts (decode tokens of a mixed step, small chunks) do not fill a 128-row tile
+    block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
+    block_n = 64 if block_d <= 128 else 32
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=3, table_ahead=True)
 
 
 def prefill_attention(
@@ -130,43 +212,49 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    table_ahead: bool | None = None,
+    maxnreg: int | None = None,  # registers per thread (None: no cap)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
-    Tiling: BLOCK_M = 64 query rows (32 for head size 256, to bound registers; 16 on the
-    CPU interpreter), BLOCK_N = 64 keys (whole pages: 4 of 16 or 2 of 32), BLOCK_D = head
-    size padded to a power of two, masked. 4 warps, 2 pipeline stages.
+    Tiling (`prefill_config`; H200, bf16, D=128): BLOCK_M = 128 query rows (fewer for short
+    prompts; 64 for head size 256, to bound registers), BLOCK_N = 64 keys (32 for head size
+    256), BLOCK_D = head size padded to a power of two, masked. 8 warps (two warpgroups of 64
+    rows each on Hopper) and 3 pipeline stages: with the block table read one tile ahead,
+    triton keeps two K/V tiles in flight. A tile may cover part of a page or several pages:
+    each key looks up its own block-table entry. The query blocks and heads are all
+    independent programs: grid (Hq, B, cdiv(max_query_len, BLOCK_M)), heaviest blocks first.
     """
     T, Hq, D = query.shape
     _, page_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert v_cache.stride()[:2] == k_cache.stride()[:2], "k_cache and v_cache must share block/token strides"
     B = seq_lens.shape[0]
     if out is None:
         out = torch.empty((T, Hq, D), dtype=query.dtype, device=query.device)
-    if T == 0 or B == 0:
+    if T == 0 or B == 0 or max_query_len <= 0:
         return out
-    on_gpu = query.device.type == "cuda"
+    cfg = prefill_config(max_query_len, D, query.device.type == "cuda")
+    BLOCK_M = max(16, block_m or cfg["block_m"])
+    BLOCK_N = max(16, block_n or cfg["block_n"])
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if block_m is None:
-        block_m = (64 if BLOCK_D <= 128 else 32) if on_gpu else 16
-    if block_n is None:
-        block_n = (64 if BLOCK_D <= 128 else 32) if on_gpu else 16
-    BLOCK_N = max(block_n, triton.next_power_of_2(page_size), 16)
-    BLOCK_M = max(block_m, 16)
-    grid = (B, triton.cdiv(max_query_len, BLOCK_M), Hq)
+    grid = (Hq, B, triton.cdiv(max_query_len, BLOCK_M))
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PAGE_SIZE=page_size, DOT_IEEE=dot_ieee(query.dtype, query.device),
-        num_warps=num_warps or (4 if BLOCK_M * BLOCK_D <= 64 * 128 else 8),
-        num_stages=num_stages or 2,
+        PAGE_SIZE=page_size,
+        TABLE_AHEAD=cfg["table_ahead"] if table_ahead is None else table_ahead,
+        DOT_IEEE=dot_ieee(query.dtype, query.device),
+        num_warps=num_warps or cfg["num_warps"],
+        num_stages=num_stages or cfg["num_stages"],
+        **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
     )
     return out
 

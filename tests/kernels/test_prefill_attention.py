@@ -47,6 +47,52 @@ def test_prefill_query_blocks_smaller_than_pages():
     run_case([33, 2], [31, 64], 4, 2, 64, 32, torch.float32, seed=3, block_m=16, block_n=16)
 
 
+# The GPU's tilings at interpreter-sized shapes: 128-row query blocks (the diagonal then spans
+# several key tiles, and a block's rows start mid-tile after an odd context), tiles of several
+# pages and of part of a page, the block table read in the loop instead of one tile ahead.
+TILINGS = [
+    dict(block_m=128, block_n=64),
+    dict(block_m=64, block_n=32),
+    dict(block_m=32, block_n=64),
+    dict(block_m=16, block_n=32, table_ahead=False),
+    dict(block_m=32, block_n=16, table_ahead=False),
+]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_tilings(tiling, block_size):
+    # odd lengths; a 1-token sequence; a prompt of exactly one tile; contexts ending mid-page
+    q_lens, ctx = [131, 1, 64, 77], [0, 45, 0, 150]
+    run_case(q_lens, ctx, 4, 2, 64, block_size, torch.bfloat16, seed=block_size, **tiling)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_prefill_chunks_match_whole_prompt(dtype):
+    # chunked prefill: a prompt computed in three chunks (each attending to the cached earlier
+    # chunks) gives the same output rows as the whole prompt at once
+    gen = torch.Generator().manual_seed(11)
+    n, Hq, Hkv, D, bs = 70, 4, 2, 64, 16
+    k_cache, v_cache, table = make_paged([n], Hkv, D, bs, dtype, gen=gen)
+    query = torch.randn(n, Hq, D, generator=gen).to(dtype).to(DEVICE)
+    scale = D**-0.5
+
+    def run(start, stop):
+        qsl = torch.tensor([0, stop - start], dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor([stop], dtype=torch.int32, device=DEVICE)
+        return prefill_attention(query[start:stop].contiguous(), k_cache, v_cache, table, qsl, lens, scale,
+                                 max_query_len=stop - start)
+
+    whole = run(0, n)
+    chunks = torch.cat([run(0, 23), run(23, 48), run(48, n)])
+    torch.testing.assert_close(chunks, whole, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_prefill_empty_and_zero_length_sequences():
+    # a step whose first sequence has no new tokens (q_len 0): its rows are absent, others unaffected
+    run_case([0, 9, 3], [5, 0, 20], 4, 4, 64, 16, torch.float32, seed=5)
+
+
 # ---------------------------------------------------------------- real sizes, GPU only
 
 
@@ -58,6 +104,19 @@ def test_prefill_real_sizes(dtype, head_size):
     # prompts, a chunked prompt after 1000 cached tokens, a cached prefix, a 1-token chunk
     q_lens, ctx = [1000, 513, 64, 1, 2048], [0, 1000, 4000, 3000, 0]
     run_case(q_lens, ctx, 32, 8, head_size, 16, dtype, seed=head_size)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", TILINGS + [
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=32, num_warps=8, num_stages=3, maxnreg=128),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=4),
+], ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_prefill_real_sizes_tilings(tiling):
+    # the benchmark's tilings at real size: long prompts, a chunk after a long context
+    q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
+    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=7, **tiling)
 
 
 @requires_cuda
