@@ -221,6 +221,28 @@ def test_one_rank_model_is_the_plain_model(llama_path):
     assert calls == [] and parallel_state.get_tp_size() == 1
 
 
+def test_one_rank_engine_beside_a_tensor_parallel_one(llama_path):
+    """A process holding a tp=2 engine can still build a plain one; a second tp engine is refused
+    before it starts anything, and the first keeps working."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    tp2 = LLM(llama_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    try:
+        first = [o.outputs[0].token_ids for o in tp2.generate(PROMPTS[:2], params, use_tqdm=False)]
+        children = set(_children(os.getpid()))
+        with pytest.raises(RuntimeError, match="one tensor-parallel engine per process"):
+            LLM(llama_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+        assert set(_children(os.getpid())) <= children
+        tp1 = LLM(llama_path, device="cpu", max_model_len=64)
+        m = tp1.llm_engine.model_runner.model
+        assert m.num_kv_heads == m.config.num_key_value_heads  # not split
+        assert [o.outputs[0].token_ids for o in tp1.generate(PROMPTS[:2], params, use_tqdm=False)] == first
+        assert [o.outputs[0].token_ids for o in tp2.generate(PROMPTS[:2], params, use_tqdm=False)] == first
+        workers = _worker_pids(tp2)
+    finally:
+        del tp2
+    assert not _wait_gone(workers)
+
+
 # ---------------------------------------------------------------------- validation
 
 

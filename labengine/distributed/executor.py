@@ -75,6 +75,9 @@ class TensorParallelModelRunner(ModelRunner):
 
     def __init__(self, config: EngineConfig) -> None:
         tp = config.tensor_parallel_size
+        if dist.is_initialized():  # checked before any worker starts
+            raise RuntimeError("torch.distributed is already initialized in this process: one tensor-parallel "
+                               "engine per process. Shut the other one down first (`del llm`).")
         config.device = rank_device(config.device, 0)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
@@ -83,12 +86,15 @@ class TensorParallelModelRunner(ModelRunner):
                         for rank in range(1, tp)]
         # Stops the workers and leaves the process group when this runner is collected, on
         # shutdown() and at exit; it holds the worker handles, not the runner.
-        self._finalizer = weakref.finalize(self, _stop_workers, self.workers)
+        owns_group = []  # filled once this runner has joined the process group
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, owns_group)
         try:
             for w in self.workers:
                 w.start()
             parallel_state.init_tensor_parallel(0, tp, init_method, config.device)
-            super().__init__(config)
+            owns_group.append(True)
+            with parallel_state.tensor_parallel_layout(tp, 0):
+                super().__init__(config)
         except BaseException:
             self._finalizer()
             raise
@@ -177,7 +183,7 @@ class TensorParallelModelRunner(ModelRunner):
 def _gather_timings(forward_s: float, comm_s: float, tp: int, device) -> tuple[tuple, tuple]:
     """Every rank's (forward seconds, collective seconds) of this step, on rank 0."""
     mine = torch.tensor([forward_s, comm_s], dtype=torch.float64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(tp)] if parallel_state.get_tp_rank() == 0 else None
+    parts = [torch.empty_like(mine) for _ in range(tp)] if dist.get_rank() == 0 else None
     dist.gather(mine, parts, dst=0)
     if parts is None:
         return (), ()
@@ -202,7 +208,7 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def _stop_workers(workers) -> None:
+def _stop_workers(workers, owns_group) -> None:
     """Terminate the workers (they hold nothing that needs flushing), then leave the group."""
     for w in workers:
         if w.pid is not None and w.is_alive():
@@ -214,7 +220,8 @@ def _stop_workers(workers) -> None:
             if w.is_alive():
                 w.kill()
                 w.join(1.0)
-    parallel_state.destroy_tensor_parallel()
+    if owns_group:
+        parallel_state.destroy_tensor_parallel()
 
 
 # ---------------------------------------------------------------------- the worker processes
@@ -252,7 +259,8 @@ def _worker_main(config: EngineConfig, rank: int, tp: int, init_method: str, par
         torch.cuda.set_device(config.device)
     try:
         parallel_state.init_tensor_parallel(rank, tp, init_method, config.device)
-        runner = ModelRunner(config)
+        with parallel_state.tensor_parallel_layout(tp, rank):
+            runner = ModelRunner(config)
         runner.allocate_kv_cache(*_agree_on_num_blocks(runner))
         _worker_loop(runner, tp)  # until rank 0 terminates this process
     except Exception:
