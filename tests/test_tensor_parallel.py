@@ -243,6 +243,28 @@ def test_one_rank_engine_beside_a_tensor_parallel_one(llama_path):
     assert not _wait_gone(workers)
 
 
+def test_a_dead_worker_is_an_error_naming_it(llama_path):
+    llm = LLM(llama_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    try:
+        (worker,) = _worker_pids(llm)
+        os.kill(worker, signal.SIGKILL)
+        assert not _wait_gone([worker])
+        with pytest.raises(RuntimeError, match=rf"worker rank 1 \(pid {worker}, exit code -9\) is no longer running"):
+            llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
+        bm = llm.llm_engine.scheduler.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.num_gpu_blocks  # the failed call's request was aborted
+    finally:
+        del llm
+
+
+def test_script_without_main_guard_fails_with_a_clear_error(tmp_path, llama_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from labengine import LLM\nLLM({llama_path!r}, device='cpu', tensor_parallel_size=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert 'if __name__ == "__main__":' in proc.stderr, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------- validation
 
 

@@ -81,8 +81,10 @@ class TensorParallelModelRunner(ModelRunner):
         config.device = rank_device(config.device, 0)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
+        ready = [ctx.Event() for _ in range(1, tp)]  # set by each worker once it has started up
         self.workers = [ctx.Process(target=_worker_main, name=f"labengine-tp-rank{rank}", daemon=True,
-                                    args=(_config_for_rank(config, rank), rank, tp, init_method, os.getpid()))
+                                    args=(_config_for_rank(config, rank), rank, tp, init_method, os.getpid(),
+                                          ready[rank - 1]))
                         for rank in range(1, tp)]
         # Stops the workers and leaves the process group when this runner is collected, on
         # shutdown() and at exit; it holds the worker handles, not the runner.
@@ -91,6 +93,7 @@ class TensorParallelModelRunner(ModelRunner):
         try:
             for w in self.workers:
                 w.start()
+            _wait_for_workers(self.workers, ready)
             parallel_state.init_tensor_parallel(0, tp, init_method, config.device)
             owns_group.append(True)
             with parallel_state.tensor_parallel_layout(tp, 0):
@@ -166,10 +169,14 @@ class TensorParallelModelRunner(ModelRunner):
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            if not all(w.is_alive() for w in self.workers):
-                self._finalizer()
-                raise RuntimeError(self._dead_message(what)) from e
-            raise
+            # A rank that failed half-way through a step leaves the others waiting in a
+            # collective that will never match: the group cannot be trusted any more.
+            dead = not all(w.is_alive() for w in self.workers)
+            message = self._dead_message(what) if dead else (
+                f"rank 0 failed while {what} ({type(e).__name__}: {e}); the tensor-parallel ranks are out of "
+                "step, so the workers were stopped. Create a new LLM.")
+            self._finalizer()
+            raise RuntimeError(message) from e
 
     def _dead_message(self, what: str) -> str:
         if not self._finalizer.alive:
@@ -178,6 +185,21 @@ class TensorParallelModelRunner(ModelRunner):
                 for r, w in enumerate(self.workers, start=1) if not w.is_alive()]
         return (f"tensor-parallel worker {', '.join(gone)} is no longer running while {what}; "
                 "its log is above. The engine cannot continue: create a new LLM.")
+
+
+def _wait_for_workers(workers, ready, timeout_s: float = 300.0) -> None:
+    """Wait until every worker has started (imported labengine, set its event), so that a worker
+    that dies on start-up is an error now rather than a rendezvous that waits for it forever."""
+    deadline = time.monotonic() + timeout_s
+    for rank, (w, event) in enumerate(zip(workers, ready), start=1):
+        while not event.wait(0.1):
+            if not w.is_alive():
+                raise RuntimeError(
+                    f"tensor-parallel worker rank {rank} exited on start-up (exit code {w.exitcode}); its error is "
+                    "above. A script that creates a tensor-parallel LLM must do so under "
+                    "`if __name__ == \"__main__\":` (workers are spawned and re-import the script).")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel worker rank {rank} did not start within {timeout_s:.0f} s")
 
 
 def _gather_timings(forward_s: float, comm_s: float, tp: int, device) -> tuple[tuple, tuple]:
@@ -247,10 +269,11 @@ def _exit_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_main(config: EngineConfig, rank: int, tp: int, init_method: str, parent_pid: int) -> None:
+def _worker_main(config: EngineConfig, rank: int, tp: int, init_method: str, parent_pid: int, ready) -> None:
     """Rank `rank`: build this rank's slice of the model and cache, then run what rank 0 broadcasts."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the engine's process
     _exit_with_parent(parent_pid)
+    ready.set()
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rank}] %(levelname)s %(message)s")
     if config.device.type == "cpu":
         # the ranks share the machine's cores
