@@ -169,14 +169,15 @@ class EngineArgs:
             self._verify_parallelism_devices()
 
     def _verify_parallelism_devices(self) -> None:
+        """tensor_parallel_size ranks need as many GPUs on a GPU run; on the CPU (device='cpu', or
+        'auto' without a GPU) the ranks are CPU processes talking over gloo."""
+        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
+            return
         n_gpus = torch.cuda.device_count()
         if self.tensor_parallel_size > n_gpus:
             raise ValueError(
                 f"The number of required GPUs exceeds the total number of available GPUs: "
                 f"tensor_parallel_size={self.tensor_parallel_size} but {n_gpus} GPU(s) are available.")
-        raise ValueError(
-            f"tensor_parallel_size={self.tensor_parallel_size} is not supported: labengine runs the whole "
-            "model on one device (no tensor parallelism). Use tensor_parallel_size=1.")
 
     @property
     def resolved_preemption_mode(self) -> str:

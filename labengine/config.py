@@ -116,6 +116,7 @@ class EngineConfig:
     disable_log_stats: bool
     async_scheduling: bool = False
     guided_decoding_backend: str = "llguidance"
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_engine_args(cls, args) -> "EngineConfig":
@@ -167,7 +168,8 @@ class EngineConfig:
                    max_seq_len_to_capture=args.max_seq_len_to_capture, max_logprobs=args.max_logprobs,
                    check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats,
                    async_scheduling=_async_scheduling(args.async_scheduling, device),
-                   guided_decoding_backend=args.guided_decoding_backend)
+                   guided_decoding_backend=args.guided_decoding_backend,
+                   tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _async_scheduling(value, device) -> bool:
@@ -187,10 +189,28 @@ def _async_scheduling(value, device) -> bool:
 
 
 def _verify_heads(hf_config, tp: int) -> None:
+    """What tensor parallelism splits must split evenly: query heads, KV heads (or, when there are
+    fewer KV heads than ranks, the ranks among them: each KV head is then replicated) and the MLP's
+    channels. Checked before any worker starts; the vocabulary is padded instead (as vLLM)."""
+    if tp == 1:
+        return
     heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", None)
-    if tp > 1 and heads is not None and heads % tp != 0:
+    if heads is not None and heads % tp != 0:
         raise ValueError(f"Total number of attention heads ({heads}) must be divisible by tensor parallel "
                          f"size ({tp}).")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kv_heads is not None and kv_heads % tp != 0 and tp % kv_heads != 0:
+        raise ValueError(f"Total number of key/value heads ({kv_heads}) must be divisible by tensor parallel "
+                         f"size ({tp}), or tensor parallel size by it (each key/value head is then replicated "
+                         f"on {tp} // {kv_heads} ranks).")
+    hidden = getattr(hf_config, "hidden_size", None)
+    for name in ("intermediate_size", "ffn_dim", "n_inner"):
+        size = getattr(hf_config, name, None)
+        if name == "n_inner" and size is None and getattr(hf_config, "model_type", None) == "gpt2" and hidden:
+            size = 4 * hidden
+        if size is not None and size % tp != 0:
+            raise ValueError(f"{name} ({size}) must be divisible by tensor parallel size ({tp}): the MLP's "
+                             "channels are split over the ranks.")
 
 
 def _verify_swap_space(swap_space_gib: float) -> None:

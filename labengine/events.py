@@ -115,6 +115,10 @@ class StepFinished(Event):
     num_running: int
     num_waiting: int
     num_swapped: int
+    # tensor parallelism (empty with one rank): per rank, rank 0 first, the forward's seconds and
+    # the part spent in collectives (input broadcast, all-reduces, logits gather); compute is the rest
+    rank_forward_s: tuple = ()
+    rank_comm_s: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,12 @@ class LLMEngine:
                     config.cache_config.block_size, mc.seed)
         self.tokenizer = None if mc.skip_tokenizer_init else _load_tokenizer(mc)
         self.event_bus = EventBus()
-        self.model_runner = ModelRunner(config)
+        if config.tensor_parallel_size > 1:  # rank 0 of a process group; workers run the other ranks
+            from labengine.distributed import TensorParallelModelRunner
+
+            self.model_runner = TensorParallelModelRunner(config)
+        else:
+            self.model_runner = ModelRunner(config)
         logger.info("Model weights loaded in %.2f s.", self.model_runner.load_time_s)
         num_gpu, num_cpu = self.model_runner.determine_num_blocks()
         config.cache_config.num_gpu_blocks, config.cache_config.num_cpu_blocks = num_gpu, num_cpu
@@ -306,7 +311,8 @@ class LLMEngine:
                      kv_blocks_used=bm.get_num_used_gpu_blocks() - len(bus.held_blocks()),
                      kv_blocks_total=bm.num_gpu_blocks,
                      num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-                     num_swapped=len(self.scheduler.swapped))
+                     num_swapped=len(self.scheduler.swapped), rank_forward_s=timings.rank_forward_s,
+                     rank_comm_s=timings.rank_comm_s)
         bus.step += 1
         return outputs
 

@@ -30,6 +30,10 @@ _GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
 class StepTimings:
     prepare_s: float = 0.0
     forward_s: float = 0.0
+    # tensor parallelism: per rank (rank 0 first), the forward's seconds and the part of them
+    # spent in collectives (broadcast of the inputs, all-reduces, the logits gather); empty with one rank
+    rank_forward_s: tuple = ()
+    rank_comm_s: tuple = ()
 
 
 class ModelRunner:
@@ -282,17 +286,21 @@ class ModelRunner:
         ids, pos, meta, logits_rows, sampling_metadata = self.prepare_inputs(out, block_tables, pending)
         t1 = time.perf_counter()
         timings.prepare_s = t1 - t0
+        logits = self.run_model(ids, pos, meta, logits_rows, timings)
+        timings.forward_s = time.perf_counter() - t1
+        return logits, sampling_metadata
+
+    def run_model(self, ids, pos, meta: AttentionMetadata, logits_rows: list[int], timings: StepTimings):
+        """The forward pass and the logits of `logits_rows` (the executor boundary: the
+        tensor-parallel runner broadcasts these inputs to the other ranks first)."""
         num_tokens = ids.shape[0]
         graph_bs = self._graph_batch_size(meta)
         if graph_bs is not None:
-            logits = self._replay_graph(graph_bs, ids, pos, meta)[:num_tokens]
-        else:
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-            if len(logits_rows) != num_tokens:
-                hidden = hidden.index_select(0, to_device(logits_rows, torch.int64, self.device))
-            logits = self.model.compute_logits(hidden)
-        timings.forward_s = time.perf_counter() - t1
-        return logits, sampling_metadata
+            return self._replay_graph(graph_bs, ids, pos, meta)[:num_tokens]
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if len(logits_rows) != num_tokens:
+            hidden = hidden.index_select(0, to_device(logits_rows, torch.int64, self.device))
+        return self.model.compute_logits(hidden)
 
     # ---------------------------------------------------------------- CUDA graphs (decode only)
     def _graphs_enabled(self) -> bool:

@@ -6,6 +6,7 @@
     trace.steps()                      # one row per engine step (step_finished)
     trace.requests()                   # one row per request: arrival, first token, ttft, ...
     trace.block_owners()               # who owns every KV block at the end of every step
+    trace.rank_timings()               # tensor parallelism: compute vs collectives per step and rank
 
 Every helper is also a plain function of the DataFrame (`steps(df)`, `requests(df)`,
 `block_owners(df)`, `request_states(df)`), so `labengine.viz` and the widgets can work
@@ -188,9 +189,26 @@ class Trace:
     def request_states(self) -> pd.DataFrame:
         return request_states(self.to_dataframe())
 
+    def rank_timings(self) -> pd.DataFrame:
+        return rank_timings(self.to_dataframe())
+
 
 # ----------------------------------------------------------------------------------------
 # frames derived from the event DataFrame
+
+
+def rank_timings(df: pd.DataFrame) -> pd.DataFrame:
+    """Tensor parallelism: one row per (step, rank) with the forward's seconds, the part spent in
+    collectives (comm_s: input broadcast, all-reduces, logits gather) and the rest (compute_s).
+    Empty with one rank."""
+    cols = ["step", "rank", "forward_s", "comm_s", "compute_s"]
+    rows = []
+    if "rank_forward_s" in df.columns:
+        for step, fwd, comm in df.loc[df["event"] == "step_finished", ["step", "rank_forward_s", "rank_comm_s"]
+                                      ].itertuples(index=False):
+            for rank, (f, c) in enumerate(zip(fwd or (), comm or ())):
+                rows.append((step, rank, f, c, max(0.0, f - c)))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def steps(df: pd.DataFrame) -> pd.DataFrame:

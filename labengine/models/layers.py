@@ -1,4 +1,4 @@
-"""Building blocks shared by the models: norms, rotary embeddings, fused linears, weight loading.
+"""Building blocks shared by the models: norms, rotary embeddings, parallel linears, weight loading.
 
 Every model works on *flattened* tokens: activations are `[T, hidden]` with the tokens of
 all sequences of a step side by side, so nothing here knows about batches or padding.
@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from labengine.distributed.parallel_state import all_reduce, gather_to_first_rank, get_tp_rank, get_tp_size
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +106,163 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
-# ----------------------------------------------------------------------------- fused linears
+# ----------------------------------------------------------------------------- parallel linears and embeddings
+#
+# Megatron-style tensor parallelism: each rank holds a slice of every weight. A column-parallel
+# linear splits its outputs (q/k/v heads, gate/up channels), so each rank computes its slice of
+# the activations with no communication; the row-parallel linear that follows (o_proj, down)
+# splits its inputs to match, and one all-reduce sums the ranks' partial outputs. The
+# vocabulary-parallel embedding and LM head split the vocabulary. With one rank (no process
+# group: `get_tp_size() == 1`) every class here is exactly the nn.Linear / nn.Embedding it
+# subclasses: full shapes, the same forward, no collective.
+# `shard_checkpoint_tensor(leaf, tensor, shard)` cuts this rank's part out of a checkpoint
+# tensor; `load_weights_into` calls it.
 
 
-class MergedLinear(nn.Linear):
-    """One matmul for several projections that read the same input (q/k/v, gate/up).
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) must be divisible by tensor parallel size ({denominator}).")
+    return numerator // denominator
 
-    `output_sizes` lists the row blocks of the fused weight, in order; the checkpoint's
-    separate tensors are copied into their block by `load_weights` (shard index = position).
+
+class ColumnParallelLinear(nn.Linear):
+    """y = x W^T with W's rows (the outputs) split over the ranks; no communication.
+
+    `output_sizes` lists the row blocks of the full weight (one block, or several fused
+    projections that read the same input: q/k/v, gate/up); each rank holds its slice of every
+    block, side by side, so `self.output_sizes` are the per-rank block sizes. The checkpoint's
+    separate tensors are copied into their block by `load_weights_into` (shard index = position).
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = list(output_sizes)
+    packed = False  # True: the weight is several checkpoint tensors (see MergedColumnParallelLinear)
+
+    def __init__(self, in_features: int, output_sizes, bias: bool, *, checkpoint_offsets=None):
+        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        local = [divide(s, self.tp_size, "Output size of a column-parallel linear") for s in sizes]
+        super().__init__(in_features, sum(local), bias=bias)
+        self.output_sizes = local
+        # where this rank's rows start inside each block of the checkpoint
+        self.checkpoint_offsets = checkpoint_offsets or [self.tp_rank * n for n in local]
+
+    def shard_checkpoint_tensor(self, leaf: str, tensor: torch.Tensor, shard) -> torch.Tensor:
+        if self.tp_size == 1 and len(self.output_sizes) == 1:
+            return tensor
+        i = 0 if shard is None else shard
+        return tensor.narrow(0, self.checkpoint_offsets[i], self.output_sizes[i])
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """One matmul for several projections that read the same input (gate/up; q/k/v of OPT and GPT-2)."""
+
+    packed = True
+
+    def shard_checkpoint_tensor(self, leaf, tensor, shard):
+        if self.tp_size == 1:
+            return tensor
+        return tensor.narrow(0, self.checkpoint_offsets[shard], self.output_sizes[shard])
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v in one matmul, split by heads: each rank holds num_heads/tp query heads and
+    num_kv_heads/tp KV heads, or, when there are fewer KV heads than ranks, one KV head that
+    tp/num_kv_heads ranks share (replicated, as vLLM does)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+        tp, rank = get_tp_size(), get_tp_rank()
+        self.num_heads = divide(num_heads, tp, "Total number of attention heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = divide(num_kv_heads, tp, "Total number of key/value heads")
+            kv_start = rank * self.num_kv_heads
+        else:
+            if tp % num_kv_heads != 0:
+                raise ValueError(f"Tensor parallel size ({tp}) must be divisible by the total number of "
+                                 f"key/value heads ({num_kv_heads}) when it is larger.")
+            self.num_kv_heads = 1
+            kv_start = rank // (tp // num_kv_heads)
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        # full sizes as the parent splits them; then the per-rank sizes and offsets set exactly
+        super().__init__(hidden_size, [q * tp, kv * tp, kv * tp], bias,
+                         checkpoint_offsets=[rank * q, kv_start * head_dim, kv_start * head_dim])
+
+
+class RowParallelLinear(nn.Linear):
+    """y = x W^T + b with W's columns (the inputs) split over the ranks: each rank multiplies
+    its slice of x (a column-parallel layer's output) and one all-reduce sums the parts; the
+    bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        super().__init__(divide(in_features, self.tp_size, "Input size of a row-parallel linear"),
+                         out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+    def shard_checkpoint_tensor(self, leaf, tensor, shard):
+        if self.tp_size == 1 or leaf == "bias":
+            return tensor
+        n = self.in_features
+        return tensor.narrow(1, self.tp_rank * n, n)
+
+
+class _VocabShard:
+    """Rows [vocab_start, vocab_end) of the vocabulary on this rank, padded to cdiv(vocab, tp) rows
+    so every rank's slice has one shape (vLLM pads the vocabulary too; nothing has to divide)."""
+
+    def _init_vocab_shard(self, vocab_size: int) -> int:
+        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        self.org_vocab_size = vocab_size
+        rows = -(-vocab_size // self.tp_size)
+        self.vocab_start = min(self.tp_rank * rows, vocab_size)
+        self.vocab_end = min(self.vocab_start + rows, vocab_size)
+        return rows
+
+    def shard_checkpoint_tensor(self, leaf, tensor, shard):
+        if self.tp_size == 1:
+            return tensor
+        part = tensor[self.vocab_start : self.vocab_end]
+        rows = self.weight.shape[0]
+        if part.shape[0] < rows:  # the last rank's padding rows: zero (their logits are cut off)
+            part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+        return part
+
+
+class VocabParallelEmbedding(_VocabShard, nn.Embedding):
+    """Token embeddings split by vocabulary: each rank looks up the ids it holds (zeros for the
+    others) and one all-reduce assembles the rows."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int):
+        rows = self._init_vocab_shard(vocab_size)
+        nn.Embedding.__init__(self, rows, embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        out = F.embedding((input_ids - self.vocab_start) * mine, self.weight)
+        out.mul_(mine.unsqueeze(-1).to(out.dtype))
+        return all_reduce(out)
+
+
+class ParallelLMHead(_VocabShard, nn.Linear):
+    """The LM head split by vocabulary: each rank computes the logits of its rows, rank 0
+    gathers them for the sampler (the other ranks return None)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        rows = self._init_vocab_shard(vocab_size)
+        nn.Linear.__init__(self, hidden_size, rows, bias=False)
+
+    def forward(self, hidden: torch.Tensor):
+        if self.tp_size == 1:
+            return F.linear(hidden, self.weight)
+        logits = gather_to_first_rank(F.linear(hidden, self.weight))
+        if logits is None or logits.shape[-1] == self.org_vocab_size:
+            return logits
+        return logits[..., : self.org_vocab_size].contiguous()
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -217,6 +363,7 @@ def load_weights_into(
 
     packed:    checkpoint module name -> (our fused module name, shard index), e.g.
                {"q_proj": ("qkv_proj", 0)}; the shard lands in its row block of the fused weight.
+    Tensor-parallel modules (`shard_checkpoint_tensor`) receive only this rank's slice.
     rename:    maps a checkpoint name to ours (prefix fixes), or None to skip it on purpose.
     transform: adjusts a tensor before the copy (GPT-2's Conv1D weights are transposed).
     A name that matches no parameter is logged and skipped; a parameter that nothing filled is
@@ -243,10 +390,13 @@ def load_weights_into(
                 unexpected.append(ckpt_name)
                 continue
             target = param
+            owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            owner = model.get_submodule(owner_name)
             if shard is not None:
-                sizes = model.get_submodule(name.rsplit(".", 1)[0]).output_sizes
-                start = sum(sizes[:shard])
-                target = param.narrow(0, start, sizes[shard])
+                sizes = owner.output_sizes
+                target = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if hasattr(owner, "shard_checkpoint_tensor"):  # this rank's part of a tensor-parallel weight
+                tensor = owner.shard_checkpoint_tensor(leaf, tensor, shard)
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)} but the model's "
@@ -260,7 +410,7 @@ def load_weights_into(
     missing = []
     for name in params:
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        needed = set(range(len(module.output_sizes))) if isinstance(module, MergedLinear) else {None}
+        needed = set(range(len(module.output_sizes))) if getattr(module, "packed", False) else {None}
         if not needed <= filled.get(name, set()):
             missing.append(name)
     if missing:

@@ -7,7 +7,9 @@ One implementation covers the four; they differ only in config switches:
 - RoPE scaling (default, linear, llama3; dynamic within max_position_embeddings);
 - tied input/output embeddings (`tie_word_embeddings`).
 q/k/v are one matmul (`qkv_proj`) and gate/up another (`gate_up_proj`); the checkpoint's
-separate tensors are copied into their blocks at load time. Attention itself is the
+separate tensors are copied into their blocks at load time. With tensor parallelism these
+are column-parallel (split by heads / channels) and o_proj, down_proj row-parallel (one
+all-reduce each); the embedding and LM head are split by vocabulary. Attention itself is the
 backend's (`attn_backend.forward`), which also writes the paged KV cache.
 """
 from __future__ import annotations
@@ -19,8 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from labengine.models.layers import (
-    MergedLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
     RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
     RotaryEmbedding,
     cfg_get,
     head_dim_of,
@@ -36,15 +42,17 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, cfg, attn_backend, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg_get(cfg, "num_key_value_heads", default=self.num_heads)
+        total_heads = cfg.num_attention_heads
         self.head_dim = head_dim_of(cfg)
+        # split by heads over the tensor-parallel ranks: num_heads/num_kv_heads are this rank's
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, total_heads,
+                                          cfg_get(cfg, "num_key_value_heads", default=total_heads), bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.attn = attn_backend
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -80,9 +88,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg, bias: bool):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
+        self.intermediate_size = self.gate_up_proj.output_sizes[0]  # this rank's channels
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         act = cfg_get(cfg, "hidden_act", default="silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported for the Llama family; allowed: 'silu'")
@@ -119,7 +127,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg, attn_backend, qkv_bias, o_bias, qk_norm, mlp_bias):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, attn_backend, qkv_bias, o_bias, qk_norm, mlp_bias)
             for _ in range(cfg.num_hidden_layers)
@@ -168,10 +176,10 @@ class LlamaForCausalLM(nn.Module):
             mlp_bias=bool(cfg_get(cfg, "mlp_bias", default=False)),
         )
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # what the ModelRunner needs to size the KV cache
+        # what the ModelRunner needs to size the KV cache (num_kv_heads: this rank's)
         attn = self.model.layers[0].self_attn
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = attn.num_kv_heads

@@ -7,13 +7,24 @@ Differences from the Llama family worth knowing:
   (`project_in`) and the final hidden state projected out (`project_out`) before the
   tied LM head, so `forward` returns `[T, word_embed_proj_dim]`;
 - a plain ReLU feed-forward (`fc1`, `fc2`); multi-head attention with biases.
+With tensor parallelism q/k/v and fc1 are column-parallel, out_proj and fc2 row-parallel,
+the token embedding and LM head split by vocabulary; positions and projections are replicated.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from labengine.models.layers import MergedLinear, cfg_get, get_activation, load_weights_into
+from labengine.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    cfg_get,
+    get_activation,
+    load_weights_into,
+)
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (a fairseq legacy)
 
@@ -22,18 +33,19 @@ class OPTAttention(nn.Module):
     def __init__(self, cfg, attn_backend, bias: bool):
         super().__init__()
         self.embed_dim = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
+        self.head_dim = self.embed_dim // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.attn = attn_backend
-        self.qkv_proj = MergedLinear(self.embed_dim, [self.embed_dim] * 3, bias=bias)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.qkv_proj = QKVParallelLinear(self.embed_dim, self.head_dim, cfg.num_attention_heads,
+                                          cfg.num_attention_heads, bias=bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads
+        self.out_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=bias)
 
     def forward(self, x, kv_cache, meta):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         o = self.attn.forward(q, k, v.contiguous(), kv_cache, meta, self.scale)
-        return self.out_proj(o.reshape(T, self.embed_dim))
+        return self.out_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -44,8 +56,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = bool(cfg.do_layer_norm_before)
         self.self_attn = OPTAttention(cfg, attn_backend, bias)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=bias)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_dim, bias=bias)
+        self.fc2 = RowParallelLinear(cfg.ffn_dim, cfg.hidden_size, bias=bias)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
         self.act = get_activation(cfg.activation_function)
 
@@ -61,7 +73,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, cfg, attn_backend):
         super().__init__()
         proj_dim = cfg.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, proj_dim)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, proj_dim)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
         needs_proj = proj_dim != cfg.hidden_size
         self.project_in = nn.Linear(proj_dim, cfg.hidden_size, bias=False) if needs_proj else None
@@ -107,11 +119,11 @@ class OPTForCausalLM(nn.Module):
         # OPT's LM head is the embedding matrix (tie_word_embeddings defaults to True);
         # an untied checkpoint brings its own lm_head.weight
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.word_embed_proj_dim, cfg.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_attention_heads
+        self.num_kv_heads = self.model.decoder.layers[0].self_attn.num_heads  # this rank's
         self.head_size = cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.word_embed_proj_dim
         self.vocab_size = cfg.vocab_size
