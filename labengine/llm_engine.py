@@ -18,7 +18,7 @@ from labengine.model_runner import ModelRunner, StepTimings
 from labengine.output_processor import OutputProcessor
 from labengine.outputs import RequestOutput
 from labengine.sampler import Sampler, SamplingMetadata, SequenceGroupToSample
-from labengine.sampling_params import SamplingParams, verify_max_logprobs
+from labengine.sampling_params import SamplingParams, SamplingParamsValueError, verify_max_logprobs
 from labengine.scheduler import Scheduler, SchedulerOutputs
 from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
 from labengine.utils import Counter, cdiv, logger
@@ -135,7 +135,25 @@ class LLMEngine:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params = params.clone()
         verify_max_logprobs(params, self.config.max_logprobs)
+        self._verify_fits(params, vocab)
         return ProcessedRequest(text, token_ids, params)
+
+    def _verify_fits(self, params: SamplingParams, vocab: int) -> None:
+        """Refuse what could never run: more sequences at once than max_num_seqs (the request
+        would wait forever, and everything behind it), more logprobs than the vocabulary."""
+        max_num_seqs = self.config.scheduler_config.max_num_seqs
+        if params.best_of > max_num_seqs:
+            what = ("the beam width best_of" if params.use_beam_search
+                    else "n" if params.best_of == params.n else "best_of")
+            raise SamplingParamsValueError(
+                f"{what}={params.best_of} needs {params.best_of} sequences at once, more than this engine's "
+                f"max_num_seqs={max_num_seqs}; use at most {max_num_seqs} (or raise max_num_seqs).",
+                "n" if what == "n" else "best_of")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise SamplingParamsValueError(
+                    f"{name}={k} is more than the vocabulary size ({vocab}); use at most {vocab}.", name)
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:

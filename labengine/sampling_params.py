@@ -28,9 +28,35 @@ from typing import Any, Callable, List, Optional, Union
 import torch
 
 _SAMPLING_EPS = 1e-5
+# What torch.Generator.manual_seed accepts (a signed or an unsigned 64-bit integer).
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
 
 LogitsProcessor = Union[Callable[[List[int], torch.Tensor], torch.Tensor],
                         Callable[[List[int], List[int], torch.Tensor], torch.Tensor]]
+
+
+class SamplingParamsValueError(ValueError):
+    """A value SamplingParams (or the engine's add_request) refuses; `param` names the field."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class SamplingParamsTypeError(TypeError):
+    """A value of the wrong type; `param` names the field."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _value_error(param: str, message: str) -> SamplingParamsValueError:
+    return SamplingParamsValueError(message, param)
+
+
+def _type_error(param: str, message: str) -> SamplingParamsTypeError:
+    return SamplingParamsTypeError(message, param)
 
 
 class SamplingType(enum.IntEnum):
@@ -52,13 +78,13 @@ def _check_int(name: str, v: Any, optional: bool = False) -> None:
     if optional and v is None:
         return
     if not _is_int(v):
-        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
-                        f"got {v!r} of type {type(v).__name__}.")
+        raise SamplingParamsTypeError(f"{name} must be an int{' or None' if optional else ''}, "
+                                      f"got {v!r} of type {type(v).__name__}.", name)
 
 
 def _check_real(name: str, v: Any) -> None:
     if not _is_real(v):
-        raise TypeError(f"{name} must be a number, got {v!r} of type {type(v).__name__}.")
+        raise SamplingParamsTypeError(f"{name} must be a number, got {v!r} of type {type(v).__name__}.", name)
 
 
 class SamplingParams:
@@ -163,7 +189,7 @@ class SamplingParams:
         self.include_stop_str_in_output = include_stop_str_in_output
         self.truncate_prompt_tokens = truncate_prompt_tokens
         if not all(isinstance(s, str) for s in self.stop):
-            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}.")
+            raise _type_error("stop", f"stop must be a string or a list of strings, got {self.stop!r}.")
         # Number of characters held back from streamed (unfinished) text, so that a stop
         # string that is still being completed never shows and the text never backtracks.
         if self.stop and not include_stop_str_in_output:
@@ -189,98 +215,101 @@ class SamplingParams:
     def _verify_args(self) -> None:
         _check_int("n", self.n)
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
+            raise _value_error("n", f"n must be at least 1, got {self.n}.")
         _check_int("best_of", self.best_of)
         if self.best_of < self.n:
-            raise ValueError(f"best_of must be greater than or equal to n, "
+            raise _value_error("best_of", f"best_of must be greater than or equal to n, "
                              f"got n={self.n} and best_of={self.best_of}.")
         _check_real("presence_penalty", self.presence_penalty)
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError("presence_penalty must be in [-2, 2], got "
+            raise _value_error("presence_penalty", "presence_penalty must be in [-2, 2], got "
                              f"{self.presence_penalty}.")
         _check_real("frequency_penalty", self.frequency_penalty)
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError("frequency_penalty must be in [-2, 2], got "
+            raise _value_error("frequency_penalty", "frequency_penalty must be in [-2, 2], got "
                              f"{self.frequency_penalty}.")
         _check_real("repetition_penalty", self.repetition_penalty)
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError("repetition_penalty must be in (0, 2], got "
+            raise _value_error("repetition_penalty", "repetition_penalty must be in (0, 2], got "
                              f"{self.repetition_penalty}.")
         _check_real("temperature", self.temperature)
         if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+            raise _value_error("temperature", f"temperature must be non-negative, got {self.temperature}.")
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise _value_error("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.top_k, int):  # vLLM 0.5.5 wording
-            raise TypeError(f"top_k must be an integer, got {type(self.top_k).__name__}")
+            raise _type_error("top_k", f"top_k must be an integer, got {type(self.top_k).__name__}")
         if self.top_k < -1 or self.top_k == 0:
-            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
+            raise _value_error("top_k", f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
         _check_real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+            raise _value_error("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         _check_int("seed", self.seed, optional=True)
+        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise _value_error("seed", f"seed must fit in 64 bits (between {_SEED_MIN} and {_SEED_MAX}), "
+                                       f"got {self.seed}.")
         _check_int("max_tokens", self.max_tokens, optional=True)
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise _value_error("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}.")
         _check_int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, "
+            raise _value_error("min_tokens", f"min_tokens must be greater than or equal to 0, "
                              f"got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be less than or equal to "
+            raise _value_error("min_tokens", f"min_tokens must be less than or equal to "
                              f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
         _check_int("logprobs", self.logprobs, optional=True)
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+            raise _value_error("logprobs", f"logprobs must be non-negative, got {self.logprobs}.")
         _check_int("prompt_logprobs", self.prompt_logprobs, optional=True)
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be non-negative, got "
+            raise _value_error("prompt_logprobs", f"prompt_logprobs must be non-negative, got "
                              f"{self.prompt_logprobs}.")
         _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, optional=True)
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise ValueError(f"truncate_prompt_tokens must be >= 1, "
+            raise _value_error("truncate_prompt_tokens", f"truncate_prompt_tokens must be >= 1, "
                              f"got {self.truncate_prompt_tokens}")
         _check_real("length_penalty", self.length_penalty)
         if any(not stop_str for stop_str in self.stop):
-            raise ValueError("stop cannot contain an empty string.")
+            raise _value_error("stop", "stop cannot contain an empty string.")
         if not all(_is_int(t) for t in self.stop_token_ids):
-            raise TypeError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
+            raise _type_error("stop_token_ids", f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings are only supported when detokenize is True. "
+            raise _value_error("stop", "stop strings are only supported when detokenize is True. "
                              "Set detokenize=True to use stop.")
         if self.logits_processors is not None:
             if not all(callable(fn) for fn in self.logits_processors):
-                raise TypeError("logits_processors must be a list of callables, got "
+                raise _type_error("logits_processors", "logits_processors must be a list of callables, got "
                                 f"{self.logits_processors!r}.")
 
     def _verify_beam_search(self) -> None:
         if self.best_of == 1:
-            raise ValueError("best_of must be greater than 1 when using beam "
+            raise _value_error("best_of", "best_of must be greater than 1 when using beam "
                              f"search. Got {self.best_of}.")
         if self.temperature > _SAMPLING_EPS:
-            raise ValueError("temperature must be 0 when using beam search.")
+            raise _value_error("temperature", "temperature must be 0 when using beam search.")
         if self.top_p < 1.0 - _SAMPLING_EPS:
-            raise ValueError("top_p must be 1 when using beam search.")
+            raise _value_error("top_p", "top_p must be 1 when using beam search.")
         if self.top_k != -1:
-            raise ValueError("top_k must be -1 when using beam search.")
+            raise _value_error("top_k", "top_k must be -1 when using beam search.")
         if self.early_stopping not in [True, False, "never"]:
-            raise ValueError(f"early_stopping must be True, False, or 'never', "
+            raise _value_error("early_stopping", f"early_stopping must be True, False, or 'never', "
                              f"got {self.early_stopping}.")
 
     def _verify_non_beam_search(self) -> None:
         if self.early_stopping is not False:
-            raise ValueError("early_stopping is not effective and must be "
+            raise _value_error("early_stopping", "early_stopping is not effective and must be "
                              "False when not using beam search.")
         if (self.length_penalty < 1.0 - _SAMPLING_EPS
                 or self.length_penalty > 1.0 + _SAMPLING_EPS):
-            raise ValueError("length_penalty is not effective and must be the "
+            raise _value_error("length_penalty", "length_penalty is not effective and must be the "
                              "default value of 1.0 when not using beam search.")
 
     def _verify_greedy_sampling(self) -> None:
         if self.best_of > 1:
             # (sic) the missing space is vLLM's.
-            raise ValueError("best_of must be 1 when using greedy sampling."
+            raise _value_error("best_of", "best_of must be 1 when using greedy sampling."
                              f"Got {self.best_of}.")
 
     # ------------------------------------------------------------------ derived
@@ -333,4 +362,5 @@ def verify_max_logprobs(params: SamplingParams, max_logprobs: int) -> None:
     num_logprobs = params.logprobs or 0
     num_prompt_logprobs = params.prompt_logprobs or 0
     if num_logprobs > max_logprobs or num_prompt_logprobs > max_logprobs:
-        raise ValueError(f"Cannot request more than {max_logprobs} logprobs.")
+        raise _value_error("logprobs" if num_logprobs > max_logprobs else "prompt_logprobs",
+                           f"Cannot request more than {max_logprobs} logprobs.")

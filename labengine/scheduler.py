@@ -160,16 +160,19 @@ class Scheduler:
             status = self.block_manager.can_allocate(group)
             if status == AllocStatus.LATER:
                 break
-            if status == AllocStatus.NEVER:
-                # More blocks than the whole cache (possible only for a recomputed group that
-                # grew past it): finish it rather than retry forever.
+            new_tokens = sum(s.get_num_uncomputed_tokens() for s in group.get_seqs(SequenceStatus.WAITING))
+            new_seqs = group.get_max_num_running_seqs()
+            if (status == AllocStatus.NEVER or new_seqs > self.config.max_num_seqs
+                    or new_tokens > self.config.max_num_batched_tokens):
+                # It can never be scheduled: more blocks than the whole cache (a recomputed group
+                # that grew past it), more sequences than max_num_seqs or more tokens than one
+                # step's budget (add_request refuses these; this is the safety net). Finish it
+                # rather than retry forever and hold up every request behind it.
                 self.waiting.popleft()
                 for seq in group.get_seqs(SequenceStatus.WAITING):
                     seq.status = SequenceStatus.FINISHED_IGNORED
                 out.ignored_seq_groups.append(group)
                 continue
-            new_tokens = sum(s.get_num_uncomputed_tokens() for s in group.get_seqs(SequenceStatus.WAITING))
-            new_seqs = group.get_max_num_running_seqs()
             if (num_tokens + new_tokens > self.config.max_num_batched_tokens
                     or num_seqs + new_seqs > self.config.max_num_seqs):
                 break
