@@ -13,11 +13,70 @@ import dataclasses
 import logging
 import os
 import sys
+import typing
 from typing import Optional, Sequence
 
-from labengine.entrypoints.openai.serving_engine import logger
+from labengine.entrypoints.openai.serving_engine import ServerLimits, logger
 
 _CLI_SKIP = {"model", "served_model_name", "disable_log_requests", "engine_use_ray"}
+
+# Fields whose values are one of a few words: argparse lists them in --help and refuses others.
+_CHOICES = {
+    "dtype": ["auto", "half", "float16", "float", "float32", "bfloat16"],
+    "tokenizer_mode": ["auto", "slow"],
+    "load_format": ["auto", "pt", "safetensors"],
+    "preemption_mode": ["recompute", "swap"],
+    "device": ["auto", "cpu", "cuda"],
+    "attention_backend": ["auto", "torch", "triton"],
+}
+
+
+def parse_bool(text: str) -> bool:
+    """`--flag true` / `--flag 0` ...: the value of a boolean flag given with a value."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _scalar_type(field_type):
+    """bool, int, float or str: the type a flag's value is parsed to, from the field's real type.
+
+    Optional[X] is X; a Union of str with anything else (dtype: str or torch.dtype) is str.
+    """
+    args = [a for a in typing.get_args(field_type) if a is not type(None)]
+    if typing.get_origin(field_type) is typing.Union:
+        if len(args) == 1:
+            return _scalar_type(args[0])
+        return str
+    if field_type in (bool, int, float, str):
+        return field_type
+    raise TypeError(f"no command-line type for {field_type!r}")
+
+
+def add_dataclass_flags(group, cls, skip=(), choices=None) -> None:
+    """One flag per field of dataclass `cls`, typed by the field's (resolved) annotation.
+
+    A boolean field gets `--x` (true), `--x false` and `--no-x`.
+    """
+    hints = typing.get_type_hints(cls)
+    choices = choices or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help") if f.metadata else None
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, nargs="?", const=True, type=parse_bool, default=default,
+                               metavar="true|false", help=help_text)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name),
+                               help=help_text)
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -35,21 +94,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    engine = p.add_argument_group("engine arguments (EngineArgs)")
-    for f in dataclasses.fields(AsyncEngineArgs):
-        if f.name in _CLI_SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        ann = str(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if ann == "bool":
-            engine.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif "int" in ann and "str" not in ann and "float" not in ann:
-            engine.add_argument(flag, type=int, default=default)
-        elif "float" in ann and "str" not in ann:
-            engine.add_argument(flag, type=float, default=default)
-        else:
-            engine.add_argument(flag, type=str, default=default)
+    add_dataclass_flags(p.add_argument_group("limits (what one client may ask)"), ServerLimits)
+    add_dataclass_flags(p.add_argument_group("engine arguments (EngineArgs)"), AsyncEngineArgs, skip=_CLI_SKIP,
+                        choices=_CHOICES)
     return p
 
 
@@ -60,6 +107,10 @@ def engine_args_from_cli(ns: argparse.Namespace):
               if f.name not in _CLI_SKIP and hasattr(ns, f.name)}
     return AsyncEngineArgs(model=ns.model, served_model_name=ns.served_model_name,
                            disable_log_requests=ns.disable_log_requests, **kwargs)
+
+
+def limits_from_cli(ns: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
 def default_model() -> Optional[str]:

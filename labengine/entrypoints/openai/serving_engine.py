@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,31 @@ from labengine.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatToken
                                                    CompletionLogProbs, ErrorInfo, ErrorResponse, UsageInfo)
 
 logger = logging.getLogger("labengine.serve")
+
+
+# ---------------------------------------------------------------------- limits
+def _limit(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    """What one client may ask of the server; each is a `python -m labengine.serve` flag.
+
+    A request over a limit is refused before it reaches the engine: 413 for the body,
+    429 when the queue is full, 400 for the rest. 0 means "no limit".
+    """
+
+    max_request_body_bytes: int = _limit(4 << 20, "largest request body, in bytes (413 above it)")
+    max_prompts_per_request: int = _limit(256, "most prompts in one /v1/completions request")
+    max_stop_strings: int = _limit(16, "most `stop` strings in one request")
+    max_stop_string_length: int = _limit(256, "longest `stop` string, in characters")
+    max_queued_requests: int = _limit(1024, "most requests waiting for the engine (429 above it)")
+    chat_template_timeout_s: float = _limit(2.0, "time budget for rendering one chat template, in seconds")
+    health_stall_timeout_s: float = _limit(
+        300.0, "/health fails when requests are waiting and the engine made no step for this long, in seconds")
+    trust_request_chat_template: bool = _limit(
+        False, "render a `chat_template` sent in a request (by default such a request is refused)")
 
 
 # ---------------------------------------------------------------------- errors
