@@ -162,6 +162,9 @@ class AsyncLLMEngine:
         # Written by the worker thread only:
         self._stats: Dict[str, Any] = {}
         self._worker_thread: Optional[threading.Thread] = None
+        # time.monotonic() of the last sign of life: a step finished, or work arrived at an
+        # idle loop (read by the server's /health to tell a stalled engine from a busy one).
+        self.last_progress = time.monotonic()
         self._snapshot_stats()
 
     # ------------------------------------------------------------------ construction
@@ -187,6 +190,15 @@ class AsyncLLMEngine:
     @property
     def errored(self) -> bool:
         return self._errored_with is not None
+
+    @property
+    def has_work(self) -> bool:
+        """Whether any request is live (queued, waiting for a step, or running)."""
+        return bool(self._streams or self._pending_adds or self._in_engine)
+
+    def seconds_without_progress(self) -> float:
+        """Seconds since the engine last finished a step with work live (0 when idle)."""
+        return time.monotonic() - self.last_progress if self.has_work else 0.0
 
     def _dead_error(self) -> AsyncEngineDeadError:
         cause = self._errored_with
@@ -273,7 +285,9 @@ class AsyncLLMEngine:
             if not has_unfinished and not self._pending_adds and not self._pending_aborts:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                self.last_progress = time.monotonic()
             has_unfinished = await self.engine_step()
+            self.last_progress = time.monotonic()
             # Let consumers and new requests in before the next step.
             await asyncio.sleep(0)
 
@@ -418,6 +432,8 @@ class AsyncLLMEngine:
         if self.log_requests:
             logger.info("Received request %s: prompt: %r, sampling_params: %r.", request_id,
                         _short(inputs), params)
+        if not self.has_work:  # an idle engine has not stalled: its clock starts now
+            self.last_progress = time.monotonic()
         stream = AsyncStream(request_id)
         self._streams[request_id] = stream
         self._pending_adds[request_id] = (stream, inputs, params, arrival_time)

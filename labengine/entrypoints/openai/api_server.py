@@ -4,7 +4,9 @@ Endpoints:
     GET  /v1/models             the one served model
     POST /v1/completions        OpenAI completions (text or token-id prompts, n, logprobs, echo)
     POST /v1/chat/completions   OpenAI chat completions (chat template: see chat_utils.py)
-    GET  /health                200 while the engine loop is alive, 503 once it died
+    GET  /health                200 while the engine is alive and making progress; 503 once its loop
+                                died, or when requests wait and no step finished for
+                                --health-stall-timeout-s seconds
     GET  /metrics               Prometheus text format (queue lengths, KV-cache use, TTFT, latency)
 
 `stream: true` sends server-sent events (`data: {chunk}` ... `data: [DONE]`).
@@ -12,9 +14,17 @@ With an API key every /v1 request needs `Authorization: Bearer KEY`, otherwise 4
 /health and /metrics stay open.
 
 Errors have OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: a value that
-SamplingParams or the engine rejects (including a prompt longer than max_model_len) is a 400
-naming the field; an unknown model name is a 404. A client that disconnects aborts its
-request(s), so their KV blocks are freed at once.
+SamplingParams or the engine rejects (including a prompt longer than max_model_len, or a
+prompt plus max_tokens that cannot fit) is a 400 naming the field; an unknown field is a
+400; an unknown model name is a 404. Limits (ServerLimits, each a flag): a body over
+--max-request-body-bytes is a 413, a full queue (--max-queued-requests) a 429, too many
+prompts or stop strings a 400. Any other failure is a 500 with a generic message and the
+request's id (also sent as the X-Request-Id header); the details go to the server's log
+under that id. When the engine loop dies, requests get 503 and `run_server` stops the
+server with exit status 1, so a supervisor restarts it.
+
+A client that disconnects aborts its request(s) whenever it leaves: while they are still
+queued (watched from arrival), while they run, or mid-stream; their KV blocks are freed at once.
 
 Parameters follow OpenAI, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, use_beam_search, length_penalty, stop_token_ids, include_stop_str_in_output,
@@ -24,13 +34,17 @@ not supported (400).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import sys
 import time
+import uuid
 from typing import Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -39,7 +53,8 @@ from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, Comple
                                                    ModelList)
 from labengine.entrypoints.openai.serving_chat import OpenAIServingChat
 from labengine.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from labengine.entrypoints.openai.serving_engine import OpenAIError, logger
+from labengine.entrypoints.openai.serving_engine import (OpenAIError, ServerLimits, ServerState, current_request_id,
+                                                         internal_error, logger, unless_disconnected)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -129,18 +144,82 @@ class _EngineCollector:
             yield g
 
 
+# ---------------------------------------------------------------------- middleware
+class RequestGuard:
+    """ASGI middleware: gives each HTTP request an id (X-Request-Id) and refuses a body over
+    `max_body_bytes` with 413 before the application sees any of it.
+
+    The body is read here (up to the limit) and handed on whole, so no route ever holds
+    more than the limit in memory.
+    """
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:16]
+        current_request_id.set(rid)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        limit = self.max_body_bytes
+        if not limit or scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send_with_id)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, send_with_id, int(declared))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(scope, send_with_id, size)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send_with_id)
+
+    async def _too_large(self, scope, send, size: int) -> None:
+        err = OpenAIError(f"The request body ({size} bytes or more) is larger than this server's limit of "
+                          f"{self.max_body_bytes} bytes.", status=413, code="request_too_large")
+        await err.response()(scope, None, send)
+
+
 # ---------------------------------------------------------------------- the app
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[str] = None, *,
-              chat_template: Optional[str] = None, max_model_len: Optional[int] = None) -> FastAPI:
-    """The FastAPI application serving `engine` as `served_model_name`."""
+              chat_template: Optional[str] = None, max_model_len: Optional[int] = None,
+              limits: Optional[ServerLimits] = None) -> FastAPI:
+    """The FastAPI application serving `engine` as `served_model_name`, within `limits`."""
     app = FastAPI(title="labengine OpenAI-compatible server", version="0.1.0")
+    limits = limits or ServerLimits()
+    state = ServerState(limits)
     metrics = ServerMetrics(engine, served_model_name)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.server_state = state
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_request_body_bytes)
     if max_model_len is None:
         max_model_len = getattr(getattr(engine.engine, "model_config", None), "max_model_len", None)
     completion = OpenAIServingCompletion(engine, served_model_name, metrics=metrics)
     chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics)
+    completion.server_state = chat.server_state = state
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError):
@@ -159,7 +238,28 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
 
     @app.exception_handler(AsyncEngineDeadError)
     async def _dead(_request: Request, exc: AsyncEngineDeadError):
-        return OpenAIError(str(exc), status=503, type="internal_server_error").response()
+        rid = current_request_id.get()
+        logger.error("request %s: the engine is dead: %s", rid, exc)
+        return OpenAIError(f"The engine has stopped (request id {rid}); this server is shutting down.",
+                           status=503, type="internal_server_error").response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception):  # the backstop: no internal text to clients
+        return internal_error(exc, "request").response()
+
+    async def serve(handler, req, raw_request: Request, num_prompts: int):
+        """Admission (queue limit), then the endpoint, watched for a disconnect from arrival on."""
+        if limits.max_queued_requests and state.queued + num_prompts > limits.max_queued_requests:
+            return OpenAIError(f"The server has {state.queued} requests waiting, its limit is "
+                               f"{limits.max_queued_requests}; try again later.", status=429,
+                               type="server_overloaded", code="too_many_queued_requests").response()
+        try:
+            result = await unless_disconnected(raw_request, handler(req, raw_request))
+        except (OpenAIError, AsyncEngineDeadError):
+            raise
+        except Exception as e:
+            raise internal_error(e, raw_request.url.path) from None
+        return Response(status_code=499) if result is None else result
 
     async def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -175,6 +275,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     async def health():
         if engine.errored:
             return OpenAIError("engine loop is dead", status=503, type="internal_server_error").response()
+        stalled = engine.seconds_without_progress()
+        if limits.health_stall_timeout_s and stalled > limits.health_stall_timeout_s:
+            return OpenAIError(f"the engine has made no progress for {stalled:.0f} s with requests waiting",
+                               status=503, type="internal_server_error").response()
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -188,17 +292,51 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
 
     @app.post("/v1/completions", dependencies=dependencies)
     async def completions(req: CompletionRequest, raw_request: Request):
-        return await completion.create_completion(req, raw_request)
+        num_prompts = count_prompts(req.prompt)
+        if limits.max_prompts_per_request and num_prompts > limits.max_prompts_per_request:
+            raise OpenAIError(f"prompt holds {num_prompts} prompts; at most {limits.max_prompts_per_request} "
+                              "are allowed in one request.", param="prompt")
+        return await serve(completion.create_completion, req, raw_request, num_prompts)
 
     @app.post("/v1/chat/completions", dependencies=dependencies)
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
-        return await chat.create_chat_completion(req, raw_request)
+        return await serve(chat.create_chat_completion, req, raw_request, 1)
 
     return app
 
 
+def count_prompts(prompt) -> int:
+    """How many engine requests a completions `prompt` field makes."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+async def serve_until_done(server, engine: AsyncLLMEngine, poll_s: float = 0.5) -> int:
+    """Run a uvicorn Server; stop it when the engine loop dies. The exit status: 1 if the
+    engine died (so a supervisor restarts the server), else 0."""
+
+    async def watch_engine():
+        while not server.should_exit:
+            if engine.errored:
+                logger.error("The engine loop died; stopping the server (exit status 1).")
+                server.should_exit = True
+                return
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.ensure_future(watch_engine())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+    return 1 if engine.errored else 0
+
+
 def run_server(engine: AsyncLLMEngine, app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve `app` with uvicorn until interrupted."""
+    """Serve `app` with uvicorn until interrupted; exit with status 1 if the engine dies."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    status = asyncio.run(serve_until_done(server, engine))
+    if status:
+        sys.exit(status)

@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             chat_template = fh.read()
     engine = AsyncLLMEngine.from_engine_args(engine_args_from_cli(ns))
     name = ns.served_model_name or str(ns.model)
-    app = build_app(engine, name, api_key=ns.api_key, chat_template=chat_template)
+    app = build_app(engine, name, api_key=ns.api_key, chat_template=chat_template, limits=limits_from_cli(ns))
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s: other machines can reach this server%s.", ns.host,
                        "" if ns.api_key else " and it has no API key")

@@ -12,7 +12,6 @@ import time
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from labengine.entrypoints.openai.chat_utils import apply_chat_template
 from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                    ChatCompletionResponseChoice,
                                                    ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
@@ -43,11 +42,7 @@ class OpenAIServingChat(OpenAIServing):
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
-        try:
-            prompt = apply_chat_template(self.tokenizer, messages, req.add_generation_prompt,
-                                         req.chat_template or self.chat_template)
-        except Exception as e:  # a broken template is the request's (or the server's) problem
-            raise OpenAIError(f"could not apply the chat template: {e}", param="chat_template") from None
+        prompt = await self.render_chat_prompt(messages, req, self.chat_template)
         rename = {"logprobs": "top_logprobs"}
         if req.max_completion_tokens is not None:
             rename["max_tokens"] = "max_completion_tokens"

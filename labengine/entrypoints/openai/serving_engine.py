@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
-import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
 from fastapi import Request
@@ -66,33 +70,51 @@ class OpenAIError(Exception):
         return JSONResponse(body.model_dump(), status_code=self.status)
 
 
-_SAMPLING_FIELDS = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                    "temperature", "top_p", "top_k", "min_p", "seed", "use_beam_search", "length_penalty",
-                    "early_stopping", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
-                    "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize",
-                    "skip_special_tokens", "spaces_between_special_tokens", "logits_processors",
-                    "truncate_prompt_tokens")
+def param_of(exc: BaseException, prompt_param: str = "prompt", rename: Optional[Dict[str, str]] = None) -> str:
+    """The request field an engine / SamplingParams error is about: the `param` the error
+    carries (SamplingParamsValueError, ChatTemplateError), else the prompt; renamed to the
+    endpoint's own name for it (chat: logprobs -> top_logprobs, prompt -> messages)."""
+    field = getattr(exc, "param", None) or "prompt"
+    if field == "prompt":
+        return prompt_param
+    return (rename or {}).get(field, field)
 
 
-def param_of_error(message: str, rename: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """Which request field a SamplingParams / engine error message is about."""
-    rename = rename or {}
-    m = re.match(r"\s*`?(\w+)`?\s", message)
-    field = None
-    if m and m.group(1) in _SAMPLING_FIELDS:
-        field = m.group(1)
-    elif re.search(r"more than \d+ logprobs", message):
-        field = "prompt_logprobs" if "prompt" in message else "logprobs"
-    elif "greedy sampling" in message:
-        field = "best_of"
-    elif "beam search" in message:
-        field = "use_beam_search"
-    else:
-        for name in _SAMPLING_FIELDS:  # a message that names one field, anywhere
-            if re.search(rf"\b{name}\b", message):
-                field = name
-                break
-    return rename.get(field, field) if field else None
+# The id of the HTTP request being served (set by api_server's middleware, sent back as the
+# X-Request-Id header); an internal error names it so the log line can be found.
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("current_request_id", default="-")
+
+
+def internal_error(exc: BaseException, what: str) -> OpenAIError:
+    """A generic 500 for the client; the details go to the log under the request's id."""
+    rid = current_request_id.get()
+    logger.error("%s failed (request %s)", what, rid, exc_info=exc)
+    return OpenAIError(f"Internal server error (request id {rid}); the server's log has the details.",
+                       status=500, type="internal_server_error")
+
+
+class ServerState:
+    """What the endpoints share: the limits, the count of requests still waiting for their
+    first output, and the worker threads that tokenize prompts and render chat templates
+    (so neither blocks the event loop or the engine thread)."""
+
+    def __init__(self, limits: Optional[ServerLimits] = None) -> None:
+        self.limits = limits or ServerLimits()
+        self.queued = 0
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labengine-tokenize")
+        self.template_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="labengine-template")
+        self._tokenizers: Dict[int, Any] = {}
+
+    def own_tokenizer(self, tokenizer):
+        """A private copy of `tokenizer` for the tokenize thread (a fast tokenizer used from two
+        threads at once can fail with "Already borrowed")."""
+        key = id(tokenizer)
+        if key not in self._tokenizers:
+            try:
+                self._tokenizers[key] = copy.deepcopy(tokenizer)
+            except Exception:  # not copyable: share it
+                self._tokenizers[key] = tokenizer
+        return self._tokenizers[key]
 
 
 # ---------------------------------------------------------------------- logprobs
@@ -322,9 +344,9 @@ async def sse_stream(chunks: AsyncIterator[str], gens, what: str) -> AsyncIterat
         async for chunk in chunks:
             yield chunk
         yield "data: [DONE]\n\n"
-    except Exception as e:  # engine died mid-stream: tell the client in-band
-        logger.exception("streaming %s failed", what)
-        yield sse(ErrorResponse(error=ErrorInfo(message=str(e), type="internal_server_error")))
+    except Exception as e:  # engine died mid-stream: tell the client in-band, details in the log
+        err = internal_error(e, f"streaming {what}")
+        yield sse(ErrorResponse(error=ErrorInfo(message=err.message, type=err.type)))
         yield "data: [DONE]\n\n"
     finally:
         for g in gens:
@@ -349,29 +371,144 @@ class OpenAIServing:
             raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model",
                               code="model_not_found")
 
+    # Set by build_app; a serving built on its own gets default limits.
+    server_state: Optional[ServerState] = None
+
+    @property
+    def state(self) -> ServerState:
+        if self.server_state is None:
+            self.server_state = ServerState()
+        return self.server_state
+
     def make_params(self, kwargs: Dict[str, Any], logit_bias: Optional[Dict[str, float]],
                     rename: Optional[Dict[str, str]] = None):
         from labengine.sampling_params import SamplingParams
 
+        self.check_stop(kwargs.get("stop"))
         if logit_bias:
             kwargs["logits_processors"] = [logit_bias_processor(logit_bias, self.tokenizer)]
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as e:
-            raise OpenAIError(str(e), param=param_of_error(str(e), rename)) from None
+            raise OpenAIError(str(e), param=param_of(e, rename=rename)) from None
+
+    def check_stop(self, stop) -> None:
+        limits = self.state.limits
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if limits.max_stop_strings and len(stops) > limits.max_stop_strings:
+            raise OpenAIError(f"stop has {len(stops)} strings; at most {limits.max_stop_strings} are allowed.",
+                              param="stop")
+        longest = max((len(x) for x in stops if isinstance(x, str)), default=0)
+        if limits.max_stop_string_length and longest > limits.max_stop_string_length:
+            raise OpenAIError(f"a stop string has {longest} characters; at most {limits.max_stop_string_length} "
+                              "are allowed.", param="stop")
 
     @staticmethod
     def engine_error(e: BaseException, prompt_param: str, rename=None) -> OpenAIError:
-        msg = str(e)
-        field = param_of_error(msg, rename)
-        if field is None or "prompt" in msg.lower():
-            field = prompt_param if ("prompt" in msg.lower() or field is None) else field
-        return OpenAIError(msg, param=field)
+        return OpenAIError(str(e), param=param_of(e, prompt_param, rename))
+
+    @property
+    def max_model_len(self) -> Optional[int]:
+        return getattr(getattr(getattr(self.engine, "engine", None), "model_config", None), "max_model_len", None)
+
+    def check_context_window(self, num_prompt_tokens: int, params) -> None:
+        """vLLM 0.5.4 / OpenAI: a request whose prompt plus max_tokens cannot fit is refused
+        (rather than silently cut short). A prompt alone too long gets the engine's message."""
+        from labengine.sampling_params import SamplingParamsValueError
+
+        max_len = self.max_model_len
+        if max_len is None or num_prompt_tokens > max_len:
+            return
+        if params.max_tokens is None:
+            if num_prompt_tokens >= max_len:
+                raise SamplingParamsValueError(
+                    f"This model's maximum context length is {max_len} tokens. However, you requested "
+                    f"{num_prompt_tokens} tokens in the messages, Please reduce the length of the messages.",
+                    "prompt")
+        elif num_prompt_tokens + params.max_tokens > max_len:
+            raise SamplingParamsValueError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{params.max_tokens + num_prompt_tokens} tokens ({num_prompt_tokens} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                "max_tokens")
+
+    async def prepare_prompt(self, prompt, params):
+        """Tokenize a text prompt on the tokenize thread (never the engine's, so a huge prompt
+        stalls nobody else), apply truncate_prompt_tokens and check the context window; the
+        engine gets token ids."""
+        ids = None
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            tokenizer = self.state.own_tokenizer(self.tokenizer)
+            ids = await asyncio.get_running_loop().run_in_executor(self.state.tokenize_pool, tokenizer.encode,
+                                                                   prompt)
+            prompt = {"prompt": prompt, "prompt_token_ids": ids}
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
+            ids = prompt["prompt_token_ids"]
+        if ids is None:
+            return prompt  # no tokenizer (skip_tokenizer_init): the engine says what is wrong
+        k = getattr(params, "truncate_prompt_tokens", None)
+        if k is not None and len(ids) > k:
+            prompt = {"prompt_token_ids": ids[-k:]}
+            ids = prompt["prompt_token_ids"]
+        self.check_context_window(len(ids), params)
+        return prompt
+
+    async def render_chat_prompt(self, messages, req, default_template: Optional[str], **extra) -> str:
+        """The chat template, rendered in the sandbox on a template thread within the time budget.
+
+        A request's own `chat_template` is code from the client: it is refused unless the
+        operator passed --trust-request-chat-template.
+        """
+        from labengine.entrypoints.openai.chat_utils import ChatTemplateError, apply_chat_template
+
+        limits = self.state.limits
+        requested = getattr(req, "chat_template", None)
+        if requested is not None and not limits.trust_request_chat_template:
+            raise OpenAIError("Chat template is passed with request, but --trust-request-chat-template is not "
+                              "set. Refused request with untrusted chat template.", param="chat_template")
+        template = requested if requested is not None else default_template
+        budget = limits.chat_template_timeout_s
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.state.template_pool, functools.partial(
+            apply_chat_template, self.tokenizer, messages, req.add_generation_prompt, template,
+            timeout_s=budget, **extra))
+        try:
+            # The template thread stops itself at the budget; this is the backstop for a
+            # template stuck inside one long builtin call.
+            return await asyncio.wait_for(job, budget + 5.0)
+        except ChatTemplateError as e:
+            raise OpenAIError(str(e), param="chat_template") from None
+        except asyncio.TimeoutError:
+            raise OpenAIError(f"rendering the chat template took longer than {budget:g} s",
+                              param="chat_template") from None
 
     def start(self, prompt, params, request_id: str, arrival: float):
-        """One engine request's output stream (instrumented for /metrics when metrics are on)."""
-        gen = self.engine.generate(prompt, params, request_id, arrival_time=arrival)
+        """One engine request's output stream (instrumented for /metrics when metrics are on).
+
+        Nothing runs until the stream is first read; then the prompt is prepared
+        (prepare_prompt) and the request counts as queued until its first output.
+        """
+        gen = self._prepared_generate(prompt, params, request_id, arrival)
         return self.metrics.instrument(gen, arrival) if self.metrics is not None else gen
+
+    async def _prepared_generate(self, prompt, params, request_id: str, arrival: float):
+        state = self.state
+        state.queued += 1
+        waiting = True
+        try:
+            engine_prompt = await self.prepare_prompt(prompt, params)
+            inner = self.engine.generate(engine_prompt, params, request_id, arrival_time=arrival)
+            try:
+                async for out in inner:
+                    if waiting:
+                        waiting = False
+                        state.queued -= 1
+                    yield out
+            finally:
+                await inner.aclose()
+        finally:
+            if waiting:
+                state.queued -= 1
 
     async def first_outputs(self, gens, prompt_param: str, rename=None) -> List[Any]:
         try:
@@ -381,8 +518,10 @@ class OpenAIServing:
 
 
 def check_streamable(req) -> None:
-    """OpenAI: best_of results and beam search cannot be streamed."""
+    """OpenAI: best_of results and beam search cannot be streamed; stream_options need stream."""
     if not req.stream:
+        if req.stream_options is not None:
+            raise OpenAIError("Stream options can only be defined when stream is True.", param="stream_options")
         return
     if req.best_of is not None and req.best_of > req.n:
         raise OpenAIError("best_of > n cannot be streamed", param="best_of")
