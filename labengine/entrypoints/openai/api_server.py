@@ -249,7 +249,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
 
     async def serve(handler, req, raw_request: Request, num_prompts: int):
         """Admission (queue limit), then the endpoint, watched for a disconnect from arrival on."""
-        if limits.max_queued_requests and state.queued + num_prompts > limits.max_queued_requests:
+        # Refused while the queue is full; a request is admitted whole, so a queue below the
+        # limit may go over it by one request's prompts (never starving a big request).
+        if limits.max_queued_requests and state.queued >= limits.max_queued_requests:
             return OpenAIError(f"The server has {state.queued} requests waiting, its limit is "
                                f"{limits.max_queued_requests}; try again later.", status=429,
                                type="server_overloaded", code="too_many_queued_requests").response()
