@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import sys
 import time
 import uuid
@@ -44,7 +43,7 @@ from typing import Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 

@@ -2,10 +2,11 @@
 
 Which template: the request's `chat_template` (only when the operator passed
 `--trust-request-chat-template`; otherwise such a request is refused), else the server's
-`--chat-template`, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE below, the question/answer format the embedded model
-(labengine/tinylab) was trained on: a system message as a plain line, each user message as
-"Question: <content>", each assistant message as "Answer: <content>", one per line, then
-"Answer:" when add_generation_prompt is true (the default). For example
+`--chat-template`, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE below, the
+question/answer format the embedded model (labengine/tinylab) was trained on: a system
+message as a plain line, each user message as "Question: <content>", each assistant
+message as "Answer: <content>", one per line, then "Answer:" when add_generation_prompt is
+true (the default). For example
 [{"role": "user", "content": "What is the capital of France?"}] becomes
 "Question: What is the capital of France?\\nAnswer:" and the embedded model replies " Paris."
 

@@ -7,7 +7,9 @@ itself validates the values (one place validates each input), and the server tur
 ValueError into an HTTP 400 that names the field.
 
 Unknown fields are refused (400 naming the field), as vLLM 0.5.4's protocol does
-(`extra="forbid"`): a misspelt parameter must not be silently dropped. Defaults that differ
+(`extra="forbid"`): a misspelt parameter must not be silently dropped. `seed` must fit in
+torch.long (64 bits), as in vLLM 0.5.4; `stream_options` without `stream` is refused by the
+endpoints (serving_engine.check_streamable). Defaults that differ
 from OpenAI's, as in vLLM:
 chat `temperature` is 0.7 (vLLM 0.5.4) and chat `max_tokens` defaults to "until the model's
 maximum length".

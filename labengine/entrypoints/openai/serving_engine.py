@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
