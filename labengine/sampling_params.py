@@ -17,6 +17,8 @@ Every field, default, derived attribute and validation message follows vLLM v0.5
   ``fn(prompt_ids, output_ids, logits_row) -> logits_row``, applied first.
 
 The engine always works on ``params.clone()``: the caller's object is never mutated.
+Every refusal is a ``SamplingParamsValueError`` (a ValueError) or ``SamplingParamsTypeError``
+(a TypeError) whose ``param`` names the offending field, so the server can name it too.
 """
 from __future__ import annotations
 
@@ -219,19 +221,19 @@ class SamplingParams:
         _check_int("best_of", self.best_of)
         if self.best_of < self.n:
             raise _value_error("best_of", f"best_of must be greater than or equal to n, "
-                             f"got n={self.n} and best_of={self.best_of}.")
+                                          f"got n={self.n} and best_of={self.best_of}.")
         _check_real("presence_penalty", self.presence_penalty)
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise _value_error("presence_penalty", "presence_penalty must be in [-2, 2], got "
-                             f"{self.presence_penalty}.")
+                                                   f"{self.presence_penalty}.")
         _check_real("frequency_penalty", self.frequency_penalty)
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise _value_error("frequency_penalty", "frequency_penalty must be in [-2, 2], got "
-                             f"{self.frequency_penalty}.")
+                                                    f"{self.frequency_penalty}.")
         _check_real("repetition_penalty", self.repetition_penalty)
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise _value_error("repetition_penalty", "repetition_penalty must be in (0, 2], got "
-                             f"{self.repetition_penalty}.")
+                                                     f"{self.repetition_penalty}.")
         _check_real("temperature", self.temperature)
         if self.temperature < 0.0:
             raise _value_error("temperature", f"temperature must be non-negative, got {self.temperature}.")
@@ -255,21 +257,21 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
             raise _value_error("min_tokens", f"min_tokens must be greater than or equal to 0, "
-                             f"got {self.min_tokens}.")
+                                             f"got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _value_error("min_tokens", f"min_tokens must be less than or equal to "
-                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
+                                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
         _check_int("logprobs", self.logprobs, optional=True)
         if self.logprobs is not None and self.logprobs < 0:
             raise _value_error("logprobs", f"logprobs must be non-negative, got {self.logprobs}.")
         _check_int("prompt_logprobs", self.prompt_logprobs, optional=True)
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise _value_error("prompt_logprobs", f"prompt_logprobs must be non-negative, got "
-                             f"{self.prompt_logprobs}.")
+                                                  f"{self.prompt_logprobs}.")
         _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, optional=True)
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise _value_error("truncate_prompt_tokens", f"truncate_prompt_tokens must be >= 1, "
-                             f"got {self.truncate_prompt_tokens}")
+                                                         f"got {self.truncate_prompt_tokens}")
         _check_real("length_penalty", self.length_penalty)
         if any(not stop_str for stop_str in self.stop):
             raise _value_error("stop", "stop cannot contain an empty string.")
@@ -277,16 +279,16 @@ class SamplingParams:
             raise _type_error("stop_token_ids", f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
         if self.stop and not self.detokenize:
             raise _value_error("stop", "stop strings are only supported when detokenize is True. "
-                             "Set detokenize=True to use stop.")
+                                       "Set detokenize=True to use stop.")
         if self.logits_processors is not None:
             if not all(callable(fn) for fn in self.logits_processors):
                 raise _type_error("logits_processors", "logits_processors must be a list of callables, got "
-                                f"{self.logits_processors!r}.")
+                                                       f"{self.logits_processors!r}.")
 
     def _verify_beam_search(self) -> None:
         if self.best_of == 1:
             raise _value_error("best_of", "best_of must be greater than 1 when using beam "
-                             f"search. Got {self.best_of}.")
+                                          f"search. Got {self.best_of}.")
         if self.temperature > _SAMPLING_EPS:
             raise _value_error("temperature", "temperature must be 0 when using beam search.")
         if self.top_p < 1.0 - _SAMPLING_EPS:
@@ -295,22 +297,22 @@ class SamplingParams:
             raise _value_error("top_k", "top_k must be -1 when using beam search.")
         if self.early_stopping not in [True, False, "never"]:
             raise _value_error("early_stopping", f"early_stopping must be True, False, or 'never', "
-                             f"got {self.early_stopping}.")
+                                                 f"got {self.early_stopping}.")
 
     def _verify_non_beam_search(self) -> None:
         if self.early_stopping is not False:
             raise _value_error("early_stopping", "early_stopping is not effective and must be "
-                             "False when not using beam search.")
+                                                 "False when not using beam search.")
         if (self.length_penalty < 1.0 - _SAMPLING_EPS
                 or self.length_penalty > 1.0 + _SAMPLING_EPS):
             raise _value_error("length_penalty", "length_penalty is not effective and must be the "
-                             "default value of 1.0 when not using beam search.")
+                                                 "default value of 1.0 when not using beam search.")
 
     def _verify_greedy_sampling(self) -> None:
         if self.best_of > 1:
             # (sic) the missing space is vLLM's.
             raise _value_error("best_of", "best_of must be 1 when using greedy sampling."
-                             f"Got {self.best_of}.")
+                                          f"Got {self.best_of}.")
 
     # ------------------------------------------------------------------ derived
     @property

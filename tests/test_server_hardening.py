@@ -241,7 +241,8 @@ def test_prompts_are_tokenized_off_the_engine_thread(urls, engine, monkeypatch):
     completion(urls["default"])  # the server's own tokenizer copy exists after one request
     state = urls["apps"]["default"].state.server_state
     threads = []
-    (server_tokenizer,) = state._tokenizers.values()
+    server_tokenizer = state.own_tokenizer(engine.engine.tokenizer)
+    assert server_tokenizer is not engine.engine.tokenizer
     real_encode = server_tokenizer.encode
 
     def recording_encode(*a, **kw):
@@ -258,6 +259,17 @@ def test_prompts_are_tokenized_off_the_engine_thread(urls, engine, monkeypatch):
     assert chat(urls["default"]).status_code == 200
     assert len(threads) == 2 and all(t.startswith("labengine-tokenize") for t in threads)
     assert engine_calls == []  # the engine got token ids
+
+
+def test_a_huge_prompt_is_refused_without_tokenizing_it(urls, engine, monkeypatch):
+    state = urls["apps"]["default"].state.server_state
+    server_tokenizer = state.own_tokenizer(engine.engine.tokenizer)
+    calls = []
+    monkeypatch.setattr(server_tokenizer, "encode", lambda *a, **kw: calls.append(1))
+    longest = state.longest_token(engine.engine.tokenizer)
+    r = completion(urls["default"], prompt="y" * (MAX_MODEL_LEN * longest + 1))
+    assert r.status_code == 400 and err(r)["param"] == "prompt" and str(MAX_MODEL_LEN) in err(r)["message"]
+    assert calls == []
 
 
 # ---------------------------------------------------------------------- 4. disconnects

@@ -103,6 +103,18 @@ class ServerState:
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labengine-tokenize")
         self.template_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="labengine-template")
         self._tokenizers: Dict[int, Any] = {}
+        self._longest_token: Dict[int, int] = {}
+
+    def longest_token(self, tokenizer) -> int:
+        """Characters in the vocabulary's longest entry (an upper bound on the characters one
+        token spells: byte-level vocabularies have a character per byte); 0 if unknown."""
+        key = id(tokenizer)
+        if key not in self._longest_token:
+            try:
+                self._longest_token[key] = max(map(len, tokenizer.get_vocab()), default=0)
+            except Exception:
+                self._longest_token[key] = 0
+        return self._longest_token[key]
 
     def own_tokenizer(self, tokenizer):
         """A private copy of `tokenizer` for the tokenize thread (a fast tokenizer used from two
@@ -431,12 +443,26 @@ class OpenAIServing:
                 f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
                 "max_tokens")
 
+    def check_text_length(self, text: str) -> None:
+        """Refuse, without tokenizing it, a text that must be longer than max_model_len tokens:
+        no token spells more characters than the longest entry of the vocabulary."""
+        from labengine.sampling_params import SamplingParamsValueError
+
+        max_len, per_token = self.max_model_len, self.state.longest_token(self.tokenizer)
+        if max_len is None or not per_token or len(text) <= max_len * per_token:
+            return
+        at_least = -(-len(text) // per_token)
+        raise SamplingParamsValueError(
+            f"The prompt ({len(text)} characters, so at least {at_least} tokens) is longer than the maximum "
+            f"model length of {max_len}.", "prompt")
+
     async def prepare_prompt(self, prompt, params):
         """Tokenize a text prompt on the tokenize thread (never the engine's, so a huge prompt
         stalls nobody else), apply truncate_prompt_tokens and check the context window; the
         engine gets token ids."""
         ids = None
         if isinstance(prompt, str) and self.tokenizer is not None:
+            self.check_text_length(prompt)
             tokenizer = self.state.own_tokenizer(self.tokenizer)
             ids = await asyncio.get_running_loop().run_in_executor(self.state.tokenize_pool, tokenizer.encode,
                                                                    prompt)
