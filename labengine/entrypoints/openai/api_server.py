@@ -4,6 +4,9 @@ Endpoints:
     GET  /v1/models             the one served model
     POST /v1/completions        OpenAI completions (text or token-id prompts, n, logprobs, echo)
     POST /v1/chat/completions   OpenAI chat completions (chat template: see chat_utils.py)
+    POST /tokenize              prompt or chat messages -> token ids (vLLM's extra)
+    POST /detokenize            token ids -> text (vLLM's extra)
+    GET  /version               {"version": labengine's version}
     GET  /health                200 while the engine loop is alive, 503 once it died
     GET  /metrics               Prometheus text format (queue lengths, KV-cache use, TTFT, latency)
 
@@ -18,15 +21,15 @@ request(s), so their KV blocks are freed at once.
 
 Parameters follow OpenAI, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, use_beam_search, length_penalty, stop_token_ids, include_stop_str_in_output,
-skip_special_tokens, spaces_between_special_tokens, prompt_logprobs). `best_of > n` and
-beam search cannot be streamed (400, as in OpenAI); `echo` with `logprobs` and `suffix` are
-not supported (400).
+skip_special_tokens, spaces_between_special_tokens, prompt_logprobs, allowed_token_ids,
+guided_json/regex/choice/grammar, response_format, tools with a named tool_choice). `best_of > n`
+and beam search cannot be streamed (400, as in OpenAI); `suffix` is not supported (400).
 """
 from __future__ import annotations
 
 import hmac
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,11 +38,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from labengine.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine
+from labengine.entrypoints.openai.protocol import (DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard,
                                                    ModelList)
 from labengine.entrypoints.openai.serving_chat import OpenAIServingChat
 from labengine.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from labengine.entrypoints.openai.serving_engine import OpenAIError, logger
+from labengine.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 
 # ---------------------------------------------------------------------- metrics
@@ -131,7 +136,8 @@ class _EngineCollector:
 
 # ---------------------------------------------------------------------- the app
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[str] = None, *,
-              chat_template: Optional[str] = None, max_model_len: Optional[int] = None) -> FastAPI:
+              chat_template: Optional[str] = None, max_model_len: Optional[int] = None,
+              return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The FastAPI application serving `engine` as `served_model_name`."""
     app = FastAPI(title="labengine OpenAI-compatible server", version="0.1.0")
     metrics = ServerMetrics(engine, served_model_name)
@@ -139,8 +145,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     app.state.metrics = metrics
     if max_model_len is None:
         max_model_len = getattr(getattr(engine.engine, "model_config", None), "max_model_len", None)
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics=metrics)
-    chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics)
+    completion = OpenAIServingCompletion(engine, served_model_name, metrics=metrics,
+                                         return_tokens_as_token_ids=return_tokens_as_token_ids)
+    chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics,
+                             return_tokens_as_token_ids=return_tokens_as_token_ids)
+    tokenization = OpenAIServingTokenization(engine, served_model_name, chat_template=chat_template,
+                                             max_model_len=max_model_len)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError):
@@ -193,6 +203,21 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     @app.post("/v1/chat/completions", dependencies=dependencies)
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
         return await chat.create_chat_completion(req, raw_request)
+
+    # vLLM's extras, outside /v1 as in vLLM 0.5.4 (but behind the API key when there is one)
+    @app.post("/tokenize", dependencies=dependencies)
+    async def tokenize(req: Union[TokenizeCompletionRequest, TokenizeChatRequest]):
+        return tokenization.tokenize(req)
+
+    @app.post("/detokenize", dependencies=dependencies)
+    async def detokenize(req: DetokenizeRequest):
+        return tokenization.detokenize(req)
+
+    @app.get("/version")
+    async def version():
+        from labengine import __version__
+
+        return {"version": __version__}
 
     return app
 
