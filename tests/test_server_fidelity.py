@@ -286,6 +286,10 @@ def test_streaming_chat_n_gt_1_with_the_sdk_stream_helper(client, urls, engine):
     texts = {i: "".join(c["delta"].get("content") or "" for c in choices if c["index"] == i) for i in range(3)}
     # seeded: the stream carries the same completions as the helper's final message
     assert [texts[i] for i in range(3)] == [c.message.content for c in final.choices]
+    # and without streaming, choice i is the same completion
+    full = client.chat.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    assert [c.message.content for c in full.choices] == [texts[i] for i in range(3)]
     assert all_free(engine)
 
 
@@ -383,3 +387,21 @@ def test_logit_bias_is_clamped_not_refused(client, engine):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={str(len(tok) + 1): 5})
     assert error_of(info)["message"] == f"token_id {len(tok) + 1} in logit_bias contains out-of-vocab token id"
     assert all_free(engine)
+
+
+def test_guided_decoding_backend_flag():
+    from labengine.entrypoints.openai.cli import engine_args_from_cli
+
+    parser = make_arg_parser()
+    ns = parser.parse_args(["--model", "tinylab", "--guided-decoding-backend", "llguidance"])
+    assert engine_args_from_cli(ns).guided_decoding_backend == "llguidance"
+    assert parser.parse_args([]).guided_decoding_backend == "llguidance"
+    with pytest.raises(ValueError, match="outlines"):
+        engine_args_from_cli(parser.parse_args(["--model", "tinylab", "--guided-decoding-backend", "outlines"]))
+
+
+def test_response_format_text_is_unconstrained(client):
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.0)
+    text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.0,
+                                     extra_body={"response_format": {"type": "text"}})
+    assert text.choices[0].text == plain.choices[0].text

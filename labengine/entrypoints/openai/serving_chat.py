@@ -25,8 +25,8 @@ from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCo
                                                    ChatMessage, DeltaMessage, FunctionCall, ToolCall, UsageInfo,
                                                    random_id)
 from labengine.entrypoints.openai.serving_engine import (ChoiceDeltas, OpenAIError, OpenAIServing, chat_logprobs,
-                                                         check_streamable, merge_outputs, sse, sse_stream,
-                                                         unless_disconnected, usage_of)
+                                                         check_streamable, indexed_outputs, merge_outputs, sse,
+                                                         sse_stream, unless_disconnected, usage_of)
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -150,7 +150,7 @@ class OpenAIServingChat(OpenAIServing):
         if final is None:
             return Response(status_code=499)
         choices = []
-        for j, o in enumerate(final.outputs):
+        for j, o in indexed_outputs(final.outputs):
             lp = chat_logprobs(o.token_ids, o.logprobs, num_top, self.text_of) if (req.logprobs and o.logprobs) else None
             if tool is not None:
                 message = ChatMessage(role="assistant", content="", tool_calls=[

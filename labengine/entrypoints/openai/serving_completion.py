@@ -22,7 +22,7 @@ from labengine.entrypoints.openai.protocol import (CompletionRequest, Completion
                                                    CompletionResponseChoice, CompletionStreamResponse,
                                                    UsageInfo, random_id)
 from labengine.entrypoints.openai.serving_engine import (ChoiceDeltas, OpenAIError, OpenAIServing,
-                                                         check_streamable, completion_logprobs,
+                                                         check_streamable, completion_logprobs, indexed_outputs,
                                                          merge_outputs, sse, sse_stream, unless_disconnected,
                                                          usage_of)
 
@@ -147,8 +147,7 @@ class OpenAIServingCompletion(OpenAIServing):
         for i in range(len(prompts)):
             out = finals[i]
             p_text, p_ids, p_logprobs = prompt_part(out)
-            # outputs come best first; beam search / best_of may hand out any sequence index
-            for j, o in enumerate(out.outputs):
+            for j, o in indexed_outputs(out.outputs):
                 if echo_only:
                     text, token_ids, logprobs = p_text, p_ids, p_logprobs
                 else:

@@ -146,6 +146,19 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[Dict[int, Any]], 
     return ChatChoiceLogprobs(content=content)
 
 
+def indexed_outputs(outputs) -> list:
+    """(choice index, output) pairs of one request, in index order.
+
+    A request's outputs come best first; each keeps the index of its sequence, which the
+    stream uses too, so a choice has the same index streamed or not. With best_of > n (or
+    beam search) the kept sequences' indices have gaps: then the index is the rank.
+    """
+    outputs = list(outputs)
+    if sorted(o.index for o in outputs) == list(range(len(outputs))):
+        return sorted(((o.index, o) for o in outputs), key=lambda p: p[0])
+    return list(enumerate(outputs))
+
+
 def usage_of(outs, count_completion: bool = True) -> UsageInfo:
     prompt_tokens = completion_tokens = 0
     for out in outs:
