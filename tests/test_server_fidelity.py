@@ -314,6 +314,9 @@ def test_continuous_usage_stats(client):
     assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == 4
     none = list(client.completions.create(**base))
     assert all(c.usage is None for c in none)
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM 0.5.4: stream_options needs stream
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, stream_options={"include_usage": True})
+    assert error_of(info)["message"] == "Stream options can only be defined when stream is True."
 
 
 # ---------------------------------------------------------------------- tokenizer endpoints

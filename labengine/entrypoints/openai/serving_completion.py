@@ -48,7 +48,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, raw_request: Request):
         self.check_model(req.model)
         if req.suffix:
-            raise OpenAIError("suffix is not supported", param="suffix")
+            raise OpenAIError("suffix is not currently supported", param="suffix")
         check_streamable(req)
         prompts = normalize_prompt(req.prompt)
         guided = self.guided_of(req)

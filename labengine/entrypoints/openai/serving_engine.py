@@ -396,8 +396,10 @@ class OpenAIServing:
 
 
 def check_streamable(req) -> None:
-    """OpenAI: best_of results and beam search cannot be streamed."""
+    """OpenAI: best_of results and beam search cannot be streamed; vLLM 0.5.4: stream_options needs stream."""
     if not req.stream:
+        if req.stream_options is not None:
+            raise OpenAIError("Stream options can only be defined when stream is True.", param="stream_options")
         return
     if req.best_of is not None and req.best_of > req.n:
         raise OpenAIError("best_of > n cannot be streamed", param="best_of")
