@@ -83,6 +83,7 @@ def test_lm_eval_multiple_choice_and_generate_until(server_url, task_dir):
     assert len(results["samples"]["labengine_capitals_mc"]) == n_docs
     assert len(results["samples"]["labengine_capitals_gen"]) == n_docs
     # sane, not perfect: four choices give 0.25 by chance; the model was trained on capitals
+    print(f"lm-eval: capitals_mc acc={mc['acc,none']:.3f}, capitals_gen exact_match={gen['exact_match,none']:.3f}")
     assert mc["acc,none"] >= 0.75, mc
     assert gen["exact_match,none"] >= 0.75, gen
     # lm-eval's loglikelihoods are the engine's: recompute one document's scores offline

@@ -130,6 +130,12 @@ def test_guided_fields_and_response_format(client, engine):
         model=MODEL, messages=[{"role": "user", "content": "Is Paris in France?"}], max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "yn", "schema": schema}})
     jsonschema.validate(json.loads(js.choices[0].message.content), schema)
+    # a batch of prompts: each prompt's request follows the schema on its own
+    batch = client.completions.create(model=MODEL, prompt=["Is it raining?", "Is Rome in Italy?", "Score:"],
+                                      max_tokens=40, temperature=1.0, seed=2, extra_body={"guided_json": schema})
+    assert len(batch.choices) == 3
+    for c in batch.choices:
+        jsonschema.validate(json.loads(c.text), schema)
     grammar = client.completions.create(model=MODEL, prompt="Query:", max_tokens=20, temperature=0.0,
                                         extra_body={"guided_grammar": 'start: "SELECT " /[a-z]{1,6}/ " FROM t"'})
     assert re.fullmatch(r"SELECT [a-z]{1,6} FROM t", grammar.choices[0].text)
@@ -186,6 +192,8 @@ def test_named_tool_choice_returns_a_tool_call_matching_the_schema(client, engin
 @pytest.mark.parametrize("body, message", [
     ({"tools": [WEATHER], "tool_choice": "auto"}, "Currently only named tools are supported."),
     ({"tools": [WEATHER], "tool_choice": "required"}, "Currently only named tools are supported."),
+    ({"tools": [WEATHER], "tool_choice": None}, "Currently only named tools are supported."),
+    ({"tool_choice": "auto"}, "Currently only named tools are supported."),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
      "When using `tool_choice`, `tools` must be set."),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},

@@ -19,8 +19,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from labengine.entrypoints.openai.chat_utils import apply_chat_template
-from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                                   ChatCompletionResponseChoice,
+from labengine.entrypoints.openai.protocol import (ChatCompletionNamedToolChoiceParam, ChatCompletionRequest,
+                                                   ChatCompletionResponse, ChatCompletionResponseChoice,
                                                    ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
                                                    ChatMessage, DeltaMessage, FunctionCall, ToolCall, UsageInfo,
                                                    random_id)
@@ -166,9 +166,9 @@ class OpenAIServingChat(OpenAIServing):
     def named_tool(req: ChatCompletionRequest):
         """The function a named `tool_choice` picks (None for "none"); vLLM 0.5.4's rules and messages."""
         choice = req.tool_choice
-        if choice is None or choice == "none":
+        if choice == "none" or (choice is None and "tool_choice" not in req.model_fields_set):
             return None
-        if isinstance(choice, str):  # "auto", "required", anything else
+        if not isinstance(choice, ChatCompletionNamedToolChoiceParam):  # "auto", "required", null, ...
             raise OpenAIError("Currently only named tools are supported.", param="tool_choice")
         if req.tools is None:
             raise OpenAIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
