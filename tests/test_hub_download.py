@@ -204,3 +204,10 @@ def test_embedded_model_stays_the_default():
     from labengine.entrypoints.openai.cli import default_model
 
     assert labengine.DEFAULT_MODEL.endswith("tinylab") and default_model() == "labengine/tinylab"
+
+
+def test_a_missing_folder_is_never_looked_up_on_the_hub(hub, tmp_path):
+    hub.log.clear()
+    proc = run_llm(tmp_path, hub.url, model=str(tmp_path / "no" / "such" / "folder"))
+    assert proc.returncode != 0 and "was not found locally" in proc.stderr and "It is a path" in proc.stderr
+    assert hub.log == []

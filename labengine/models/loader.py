@@ -118,7 +118,9 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
     except Exception as exc:  # invalid repo id, ...
         reason = f" ({type(exc).__name__})"
     rev = f" at revision {revision!r}" if revision else ""
-    if not hub_offline():
+    # "org/name" or "name" may be on the Hub; "/x", "./x", "~/x" or "a/b/c" can only be a folder
+    looks_like_path = model.startswith(("/", ".", "~", "\\")) or model.count("/") > 1 or "\\" in model
+    if not hub_offline() and not looks_like_path:
         try:
             return download_model(model, revision=revision, download_dir=download_dir, weights=weights)
         except Exception as exc:  # no network, no such repo or revision, gated repo, ...
@@ -128,12 +130,13 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
                 "revision), or, with no network, use the lab's embedded model, which works offline: "
                 "LLM(model=labengine.DEFAULT_MODEL)"
             ) from None
+    offline = ("HF_HUB_OFFLINE is set, so nothing is downloaded: download the model into that cache while online "
+               f"(`huggingface-cli download {model}`, or unset HF_HUB_OFFLINE), " if not looks_like_path else
+               "It is a path, not a Hugging Face hub id: check it, ")
     raise ModelNotFoundError(
         f"model {model!r}{rev} was not found locally{reason}. Looked for a local folder at {local.resolve()} "
-        f"and for a Hugging Face hub id in the local HF cache {cache_dir}. HF_HUB_OFFLINE is set, so "
-        "nothing is downloaded: download the model into that cache while online "
-        f"(`huggingface-cli download {model}`, or unset HF_HUB_OFFLINE), pass a local folder, or use the lab's "
-        "embedded model, which works offline: LLM(model=labengine.DEFAULT_MODEL)"
+        f"and for a Hugging Face hub id in the local HF cache {cache_dir}. {offline}pass a local folder, or "
+        "use the lab's embedded model, which works offline: LLM(model=labengine.DEFAULT_MODEL)"
     )
 
 
