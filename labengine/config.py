@@ -59,11 +59,12 @@ def derive_max_model_len(hf_config) -> tuple[int, str]:
     return int(length), key
 
 
-def resolve_model(model: str, revision: Optional[str], download_dir: Optional[str]) -> Path:
+def resolve_model(model: str, revision: Optional[str], download_dir: Optional[str], weights: bool = True) -> Path:
+    """The local folder of `model` (an alias, a folder, or a hub id: cached, else downloaded)."""
     from labengine.embedded import resolve_alias
     from labengine.models.loader import resolve_model_path
 
-    return resolve_model_path(resolve_alias(model), revision=revision, download_dir=download_dir)
+    return resolve_model_path(resolve_alias(model), revision=revision, download_dir=download_dir, weights=weights)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class EngineConfig:
 
         device = resolve_device(args.device)
         model_path = resolve_model(args.model, args.revision, args.download_dir)
-        tokenizer_path = (resolve_model(args.tokenizer, args.tokenizer_revision, args.download_dir)
+        tokenizer_path = (resolve_model(args.tokenizer, args.tokenizer_revision, args.download_dir, weights=False)
                           if args.tokenizer else model_path)
         hf_config = load_hf_config(model_path, trust_remote_code=args.trust_remote_code, revision=args.revision)
         _verify_heads(hf_config, args.tensor_parallel_size)

@@ -411,6 +411,7 @@ def _current_exception() -> BaseException:
 def _load_tokenizer(mc):
     from transformers import AutoTokenizer
 
+    # tokenizer_path is a local folder by now (config.resolve_model took it from the cache or the Hub)
     return AutoTokenizer.from_pretrained(str(mc.tokenizer_path), use_fast=mc.tokenizer_mode == "auto",
                                          trust_remote_code=mc.trust_remote_code, local_files_only=True)
 

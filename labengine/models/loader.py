@@ -1,8 +1,12 @@
-"""Finding a model on disk and reading its config and weights, never touching the network.
+"""Finding a model (on disk, in the HF cache, or on the Hub) and reading its config and weights.
 
-- `resolve_model_path`: a local folder, or a Hugging Face hub id already in the local HF
-  cache (looked up with `local_files_only=True`). The lab must work offline, so a model
-  that is not on disk is an error that points at the embedded model.
+- `resolve_model_path`: a local folder; else a Hugging Face hub id, taken from the local HF
+  cache when it is there and otherwise downloaded from the Hub, as vLLM does (config,
+  tokenizer files and one weight format: safetensors when the repo has them, else `.bin`).
+  `download_dir` replaces the HF cache folder, `revision` picks a branch, tag or commit.
+  With `HF_HUB_OFFLINE=1` (read when the model is resolved) nothing is downloaded, and a
+  model that is not cached is an error that points at the embedded model, which works
+  offline. `HF_ENDPOINT` (read at the same time) picks the Hub, as huggingface_hub does.
 - `load_hf_config`: transformers' AutoConfig on that folder.
 - `iterate_weights`: `(name, tensor)` pairs from safetensors (single or sharded) or
   PyTorch `.bin`/`.pt` files, one file at a time so a big checkpoint is never all in memory.
@@ -43,8 +47,49 @@ def _hf_cache_dir(download_dir) -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
-    """The local folder holding `model`: the path itself, or its snapshot in the local HF cache."""
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read now: a notebook may set it after import."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(var)
+        if value is not None:
+            if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+                return True
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# what a model folder needs besides its weights: config, generation config, tokenizer files
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+# one weight format, the first the repo has (vLLM's order)
+_HUB_WEIGHTS = (["*.safetensors"], ["*.bin"], ["*.pt"])
+
+
+def download_model(model: str, revision: str | None = None, download_dir: str | None = None,
+                   weights: bool = True) -> Path:
+    """Download `model` from the Hub into the HF cache (or `download_dir`); its snapshot folder.
+
+    Only what the engine reads comes down: config and tokenizer files and one weight format
+    (no weights for a tokenizer-only lookup, `weights=False`).
+    """
+    import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    info = HfApi(endpoint=endpoint).model_info(model, revision=revision)
+    names = [s.rfilename for s in (info.siblings or [])]
+    weight_patterns = next((pats for pats in _HUB_WEIGHTS
+                            if any(fnmatch.fnmatch(n, p) for n in names for p in pats)), [])
+    patterns = _HUB_FILES + (weight_patterns if weights else [])
+    path = snapshot_download(repo_id=model, revision=revision, cache_dir=download_dir,
+                             allow_patterns=patterns, endpoint=endpoint)
+    return Path(path)
+
+
+def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None,
+                       weights: bool = True) -> Path:
+    """The local folder holding `model`: the path itself, its snapshot in the HF cache, or a download."""
     model = os.fspath(model)
     local = Path(model).expanduser()
     if local.is_dir():
@@ -57,25 +102,46 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
     cache_dir = _hf_cache_dir(download_dir)
     reason = ""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache
 
-        # local_files_only: the lab never downloads; only what is already cached counts
-        path = snapshot_download(repo_id=model, revision=revision, cache_dir=download_dir, local_files_only=True)
-        return Path(path)
-    except Exception as exc:  # not cached, invalid repo id, incomplete snapshot, ...
+        # the cache first: no network call for a model that is already here. Its snapshot
+        # folder is the one holding config.json (a download takes only the files the engine
+        # reads, so the snapshot need not hold the whole repo).
+        for name in ("config.json", "tokenizer_config.json") if not weights else ("config.json",):
+            found = try_to_load_from_cache(model, name, cache_dir=download_dir, revision=revision)
+            if isinstance(found, str) and Path(found).is_file():
+                folder = Path(found).parent
+                # a snapshot fetched for its tokenizer only has no weights: not enough for a model
+                if not weights or any(folder.glob(p) for pats in _HUB_WEIGHTS for p in pats):
+                    return folder
+        reason = " (not in the cache)"
+    except Exception as exc:  # invalid repo id, ...
         reason = f" ({type(exc).__name__})"
     rev = f" at revision {revision!r}" if revision else ""
+    # "org/name" or "name" may be on the Hub; "/x", "./x", "~/x" or "a/b/c" can only be a folder
+    looks_like_path = model.startswith(("/", ".", "~", "\\")) or model.count("/") > 1 or "\\" in model
+    if not hub_offline() and not looks_like_path:
+        try:
+            return download_model(model, revision=revision, download_dir=download_dir, weights=weights)
+        except Exception as exc:  # no network, no such repo or revision, gated repo, ...
+            raise ModelNotFoundError(
+                f"model {model!r}{rev} is not a local folder, not in the HF cache {cache_dir}, and could not be "
+                f"downloaded from the Hugging Face Hub: {type(exc).__name__}: {exc}. Check the name (and "
+                "revision), or, with no network, use the lab's embedded model, which works offline: "
+                "LLM(model=labengine.DEFAULT_MODEL)"
+            ) from None
+    offline = ("HF_HUB_OFFLINE is set, so nothing is downloaded: download the model into that cache while online "
+               f"(`huggingface-cli download {model}`, or unset HF_HUB_OFFLINE), " if not looks_like_path else
+               "It is a path, not a Hugging Face hub id: check it, ")
     raise ModelNotFoundError(
         f"model {model!r}{rev} was not found locally{reason}. Looked for a local folder at {local.resolve()} "
-        f"and for a Hugging Face hub id in the local HF cache {cache_dir}. labengine never downloads "
-        "(local_files_only): download the model into that cache while online "
-        f"(`huggingface-cli download {model}`), pass a local folder, or, with no network, use the lab's "
-        "embedded model, which works offline: LLM(model=labengine.DEFAULT_MODEL)"
+        f"and for a Hugging Face hub id in the local HF cache {cache_dir}. {offline}pass a local folder, or "
+        "use the lab's embedded model, which works offline: LLM(model=labengine.DEFAULT_MODEL)"
     )
 
 
 def load_hf_config(path, trust_remote_code: bool = False, revision: str | None = None):
-    """The transformers config of the model folder `path` (local files only)."""
+    """The transformers config of the model folder `path` (already local: resolve_model_path fetched it)."""
     from transformers import AutoConfig
 
     path = Path(path)

@@ -4,6 +4,9 @@ Endpoints:
     GET  /v1/models             the one served model
     POST /v1/completions        OpenAI completions (text or token-id prompts, n, logprobs, echo)
     POST /v1/chat/completions   OpenAI chat completions (chat template: see chat_utils.py)
+    POST /tokenize              prompt or chat messages -> token ids (vLLM's extra)
+    POST /detokenize            token ids -> text (vLLM's extra)
+    GET  /version               {"version": labengine's version}
     GET  /health                200 while the engine is alive and making progress; 503 once its loop
                                 died, or when requests wait and no step finished for
                                 --health-stall-timeout-s seconds
@@ -28,9 +31,9 @@ queued (watched from arrival), while they run, or mid-stream; their KV blocks ar
 
 Parameters follow OpenAI, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, use_beam_search, length_penalty, stop_token_ids, include_stop_str_in_output,
-skip_special_tokens, spaces_between_special_tokens, prompt_logprobs). `best_of > n` and
-beam search cannot be streamed (400, as in OpenAI); `echo` with `logprobs` and `suffix` are
-not supported (400).
+skip_special_tokens, spaces_between_special_tokens, prompt_logprobs, allowed_token_ids,
+guided_json/regex/choice/grammar, response_format, tools with a named tool_choice). `best_of > n`
+and beam search cannot be streamed (400, as in OpenAI); `suffix` is not supported (400).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import hmac
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,12 +51,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from labengine.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine
+from labengine.entrypoints.openai.protocol import (DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 from labengine.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard,
                                                    ModelList)
 from labengine.entrypoints.openai.serving_chat import OpenAIServingChat
 from labengine.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from labengine.entrypoints.openai.serving_engine import (OpenAIError, ServerLimits, ServerState, current_request_id,
                                                          internal_error, logger, unless_disconnected)
+from labengine.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 
 # ---------------------------------------------------------------------- metrics
@@ -204,7 +209,7 @@ class RequestGuard:
 # ---------------------------------------------------------------------- the app
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[str] = None, *,
               chat_template: Optional[str] = None, max_model_len: Optional[int] = None,
-              limits: Optional[ServerLimits] = None) -> FastAPI:
+              limits: Optional[ServerLimits] = None, return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The FastAPI application serving `engine` as `served_model_name`, within `limits`."""
     app = FastAPI(title="labengine OpenAI-compatible server", version="0.1.0")
     limits = limits or ServerLimits()
@@ -216,9 +221,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_request_body_bytes)
     if max_model_len is None:
         max_model_len = getattr(getattr(engine.engine, "model_config", None), "max_model_len", None)
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics=metrics)
-    chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics)
+    completion = OpenAIServingCompletion(engine, served_model_name, metrics=metrics,
+                                         return_tokens_as_token_ids=return_tokens_as_token_ids)
+    chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics,
+                             return_tokens_as_token_ids=return_tokens_as_token_ids)
     completion.server_state = chat.server_state = state
+    tokenization = OpenAIServingTokenization(engine, served_model_name, chat_template=chat_template,
+                                             max_model_len=max_model_len)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError):
@@ -302,6 +311,21 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     @app.post("/v1/chat/completions", dependencies=dependencies)
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
         return await serve(chat.create_chat_completion, req, raw_request, 1)
+
+    # vLLM's extras, outside /v1 as in vLLM 0.5.4 (but behind the API key when there is one)
+    @app.post("/tokenize", dependencies=dependencies)
+    async def tokenize(req: Union[TokenizeCompletionRequest, TokenizeChatRequest]):
+        return tokenization.tokenize(req)
+
+    @app.post("/detokenize", dependencies=dependencies)
+    async def detokenize(req: DetokenizeRequest):
+        return tokenization.detokenize(req)
+
+    @app.get("/version")
+    async def version():
+        from labengine import __version__
+
+        return {"version": __version__}
 
     return app
 

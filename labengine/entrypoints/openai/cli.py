@@ -92,6 +92,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1 (default: $LABENGINE_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='write logprob tokens as "token_id:<id>" (tokens that are not valid UTF-8 alone stay '
+                        'distinct)')
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_dataclass_flags(p.add_argument_group("limits (what one client may ask)"), ServerLimits)
@@ -142,7 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             chat_template = fh.read()
     engine = AsyncLLMEngine.from_engine_args(engine_args_from_cli(ns))
     name = ns.served_model_name or str(ns.model)
-    app = build_app(engine, name, api_key=ns.api_key, chat_template=chat_template, limits=limits_from_cli(ns))
+    app = build_app(engine, name, api_key=ns.api_key, chat_template=chat_template, limits=limits_from_cli(ns),
+                    return_tokens_as_token_ids=ns.return_tokens_as_token_ids)
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s: other machines can reach this server%s.", ns.host,
                        "" if ns.api_key else " and it has no API key")

@@ -63,7 +63,18 @@ class ModelList(OpenAIBaseModel):
 
 # ---------------------------------------------------------------------- shared
 class StreamOptions(OpenAIBaseModel):
-    include_usage: Optional[bool] = False
+    """vLLM 0.5.4's defaults: sending `stream_options` at all means usage is wanted, and with
+    `continuous_usage_stats` (its extra) every chunk carries the usage so far."""
+
+    include_usage: Optional[bool] = True
+    continuous_usage_stats: Optional[bool] = True
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """`response_format`: "text", "json_object" (any JSON object) or "json_schema" (OpenAI's later form)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[Dict[str, Any]] = None
 
 
 class UsageInfo(OpenAIBaseModel):
@@ -101,6 +112,14 @@ class _SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: Optional[int] = None
+    # vLLM extras: structured output (guided decoding), one kind per request
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[str, Dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[List[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
 
     def _common_sampling_kwargs(self) -> Dict[str, Any]:
         return dict(
@@ -124,10 +143,21 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = 16
     suffix: Optional[str] = None
     temperature: float = 1.0
+    # vLLM extra: sample only among these token ids
+    allowed_token_ids: Optional[List[int]] = None
+
+    @property
+    def echo_without_generation(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
     def sampling_kwargs(self) -> Dict[str, Any]:
+        """As vLLM 0.5.4: `echo` asks the engine for the prompt's logprobs too, and `echo` with
+        `max_tokens=0` generates one token that the response leaves out."""
         kw = self._common_sampling_kwargs()
-        kw.update(temperature=self.temperature, max_tokens=self.max_tokens, logprobs=self.logprobs)
+        kw.update(temperature=self.temperature,
+                  max_tokens=1 if self.echo_without_generation else self.max_tokens, logprobs=self.logprobs)
+        if self.echo and self.prompt_logprobs is None and self.logprobs is not None:
+            kw["prompt_logprobs"] = self.logprobs
         return kw
 
 
@@ -170,10 +200,44 @@ class ChatContentPart(OpenAIBaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+
+
+class ChatCompletionToolsParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(OpenAIBaseModel):
+    function: ChatCompletionNamedFunction
+    type: Literal["function"] = "function"
+
+
 class ChatMessageIn(OpenAIBaseModel):
     role: str
     content: Optional[Union[str, List[ChatContentPart]]] = None
     name: Optional[str] = None
+    # an assistant turn that called tools, and a tool's answer to one
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -195,6 +259,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     temperature: float = 0.7
+    # tools (vLLM 0.5.4: only a named function choice, answered through guided decoding)
+    tools: Optional[List[ChatCompletionToolsParam]] = None
+    tool_choice: Optional[Union[str, ChatCompletionNamedToolChoiceParam]] = "none"
     # vLLM extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -211,6 +278,7 @@ class ChatCompletionRequest(_SamplingFields):
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: Optional[str] = None
+    tool_calls: List[ToolCall] = Field(default_factory=list)
 
 
 class ChatTopLogprob(OpenAIBaseModel):
@@ -247,6 +315,9 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    # OpenAI's stream form: {"index", "id", "type", "function": {"name", "arguments"}} in a call's
+    # first chunk, then {"index", "function": {"arguments"}} (clients concatenate the strings)
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
@@ -264,3 +335,32 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: List[ChatCompletionResponseStreamChoice]
     usage: Optional[UsageInfo] = None
+
+
+# ---------------------------------------------------------------------- tokenizer endpoints
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    messages: List[ChatMessageIn]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    tokens: List[int]
+    count: int
+    max_model_len: Optional[int] = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    tokens: List[int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str

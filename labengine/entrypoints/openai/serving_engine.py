@@ -134,12 +134,19 @@ def _clamp(lp: float) -> float:
 
 
 class TokenText:
-    """Token id -> text, from the Logprob's decoded_token or the tokenizer."""
+    """Token id -> text, from the Logprob's decoded_token or the tokenizer.
 
-    def __init__(self, tokenizer) -> None:
+    With `as_token_ids` (the server's --return-tokens-as-token-ids, as vLLM 0.5.4) every token
+    is written "token_id:<id>", so tokens that are not valid UTF-8 on their own stay distinct.
+    """
+
+    def __init__(self, tokenizer, as_token_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_token_ids = as_token_ids
 
     def __call__(self, token_id: int, lp) -> str:
+        if self.as_token_ids:
+            return f"token_id:{token_id}"
         if lp is not None and getattr(lp, "decoded_token", None) is not None:
             return lp.decoded_token
         if self.tokenizer is None:
@@ -161,16 +168,21 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[Dict[int, A
     out = CompletionLogProbs()
     offset = initial_offset
     for tid, step in zip(token_ids, logprobs):
-        step = step or {}
-        lp = step.get(tid)
-        tok = text_of(tid, lp)
-        out.tokens.append(tok)
-        out.token_logprobs.append(_clamp(lp.logprob) if lp is not None else None)
-        top: Dict[str, float] = {}
-        for t, l in _sorted_top(step):
-            if (l.rank is not None and l.rank <= num_top) or t == tid:
-                top.setdefault(text_of(t, l), _clamp(l.logprob))
-        out.top_logprobs.append(top)
+        if step is None:  # a prompt's first token (echo): nothing before it to condition on
+            tok = text_of(tid, None)
+            out.tokens.append(tok)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            lp = step.get(tid)
+            tok = text_of(tid, lp)
+            out.tokens.append(tok)
+            out.token_logprobs.append(_clamp(lp.logprob) if lp is not None else None)
+            top: Dict[str, float] = {}
+            for t, l in _sorted_top(step):
+                if (l.rank is not None and l.rank <= num_top) or t == tid:
+                    top.setdefault(text_of(t, l), _clamp(l.logprob))
+            out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(tok)
     return out
@@ -193,40 +205,27 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[Dict[int, Any]], 
     return ChatChoiceLogprobs(content=content)
 
 
-def usage_of(outs) -> UsageInfo:
+def indexed_outputs(outputs) -> list:
+    """(choice index, output) pairs of one request, in index order.
+
+    A request's outputs come best first; each keeps the index of its sequence, which the
+    stream uses too, so a choice has the same index streamed or not. With best_of > n (or
+    beam search) the kept sequences' indices have gaps: then the index is the rank.
+    """
+    outputs = list(outputs)
+    if sorted(o.index for o in outputs) == list(range(len(outputs))):
+        return sorted(((o.index, o) for o in outputs), key=lambda p: p[0])
+    return list(enumerate(outputs))
+
+
+def usage_of(outs, count_completion: bool = True) -> UsageInfo:
     prompt_tokens = completion_tokens = 0
     for out in outs:
         prompt_tokens += len(out.prompt_token_ids or ())
-        completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+        if count_completion:
+            completion_tokens += sum(len(o.token_ids) for o in out.outputs)
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
-
-
-def logit_bias_processor(logit_bias: Dict[str, float], tokenizer):
-    """OpenAI's logit_bias as a logits processor (token id keys, values in [-100, 100])."""
-    vocab = len(tokenizer) if tokenizer is not None else None
-    bias: Dict[int, float] = {}
-    for key, value in logit_bias.items():
-        try:
-            tid = int(key)
-        except (TypeError, ValueError):
-            raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-        if tid < 0 or (vocab is not None and tid >= vocab):
-            raise OpenAIError(f"logit_bias token id {tid} is out of vocabulary", param="logit_bias")
-        if not -100 <= value <= 100:
-            raise OpenAIError(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
-        bias[tid] = float(value)
-    ids = list(bias)
-    values = list(bias.values())
-
-    def apply_logit_bias(output_ids, logits):
-        import torch
-
-        idx = torch.tensor(ids, dtype=torch.long, device=logits.device)
-        logits[idx] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
-        return logits
-
-    return apply_logit_bias
 
 
 # ---------------------------------------------------------------------- engine streams
@@ -368,14 +367,15 @@ async def sse_stream(chunks: AsyncIterator[str], gens, what: str) -> AsyncIterat
 class OpenAIServing:
     """State and rules both endpoints share."""
 
-    def __init__(self, engine, served_model_name: str, *, metrics=None) -> None:
+    def __init__(self, engine, served_model_name: str, *, metrics=None,
+                 return_tokens_as_token_ids: bool = False) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.tokenizer = None
         with contextlib.suppress(Exception):
             self.tokenizer = engine.engine.get_tokenizer()
-        self.text_of = TokenText(self.tokenizer)
+        self.text_of = TokenText(self.tokenizer, as_token_ids=return_tokens_as_token_ids)
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.served_model_name:
@@ -392,12 +392,23 @@ class OpenAIServing:
         return self.server_state
 
     def make_params(self, kwargs: Dict[str, Any], logit_bias: Optional[Dict[str, float]],
-                    rename: Optional[Dict[str, str]] = None):
+                    rename: Optional[Dict[str, str]] = None, *, allowed_token_ids: Optional[List[int]] = None,
+                    guided=None):
+        """SamplingParams of a request; `logit_bias`, `allowed_token_ids` and the guided-decoding
+        request (a GuidedDecodingRequest) become its logits processors."""
+        from labengine.entrypoints.openai.logits_processors import get_logits_processors
         from labengine.sampling_params import SamplingParams
 
         self.check_stop(kwargs.get("stop"))
-        if logit_bias:
-            kwargs["logits_processors"] = [logit_bias_processor(logit_bias, self.tokenizer)]
+        vocab_size = self._vocab_size()
+        try:
+            processors = get_logits_processors(logit_bias, allowed_token_ids, vocab_size)
+        except ValueError as e:
+            raise OpenAIError(str(e), param="logit_bias" if "logit_bias" in str(e) else "allowed_token_ids") from None
+        if guided is not None:
+            processors.append(self.guided_processor(guided))
+        if processors:
+            kwargs["logits_processors"] = processors
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as e:
@@ -413,6 +424,36 @@ class OpenAIServing:
         if limits.max_stop_string_length and longest > limits.max_stop_string_length:
             raise OpenAIError(f"a stop string has {longest} characters; at most {limits.max_stop_string_length} "
                               "are allowed.", param="stop")
+
+    def _vocab_size(self) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer)
+        return self.engine.engine.model_runner.vocab_size
+
+    @staticmethod
+    def guided_of(req, tool_parameters=None):
+        """The request's guided-decoding fields as a GuidedDecodingRequest (None when unconstrained)."""
+        from labengine.entrypoints.openai.logits_processors import check_guided_decoding_count, guided_request_of
+
+        try:
+            check_guided_decoding_count(req)
+            return guided_request_of(req, tool_parameters)
+        except ValueError as e:
+            m = re.search(r"guided_\w+|response_format", str(e))
+            raise OpenAIError(str(e), param=m.group(0) if m else None) from None
+
+    def guided_processor(self, guided):
+        """The llguidance logits processor of one request (a 400 naming the field when the spec is bad)."""
+        from labengine.guided_decoding import get_guided_decoding_logits_processor
+
+        llm_engine = self.engine.engine
+        try:
+            return get_guided_decoding_logits_processor(
+                guided, self.tokenizer, llm_engine.model_runner.vocab_size, llm_engine.eos_token_ids,
+                backend=guided.guided_decoding_backend or llm_engine.guided_decoding_backend)
+        except ValueError as e:
+            m = re.search(r"guided_\w+", str(e))
+            raise OpenAIError(str(e), param=m.group(0) if m else None) from None
 
     @staticmethod
     def engine_error(e: BaseException, prompt_param: str, rename=None) -> OpenAIError:
@@ -543,7 +584,7 @@ class OpenAIServing:
 
 
 def check_streamable(req) -> None:
-    """OpenAI: best_of results and beam search cannot be streamed; stream_options need stream."""
+    """OpenAI: best_of results and beam search cannot be streamed; vLLM 0.5.4: stream_options needs stream."""
     if not req.stream:
         if req.stream_options is not None:
             raise OpenAIError("Stream options can only be defined when stream is True.", param="stream_options")
