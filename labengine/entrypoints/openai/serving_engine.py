@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 

@@ -19,7 +19,7 @@ class OpenAIServingTokenization(OpenAIServing):
     def __init__(self, engine, served_model_name: str, *, chat_template=None, max_model_len=None) -> None:
         super().__init__(engine, served_model_name)
         self.chat_template = chat_template
-        self.max_model_len = max_model_len
+        self._max_model_len = max_model_len   # the base class's property reads it from the engine otherwise
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -38,7 +38,7 @@ class OpenAIServingTokenization(OpenAIServing):
         else:
             prompt = req.prompt
         ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len).model_dump()
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._max_model_len or self.max_model_len).model_dump()
 
     def detokenize(self, req: DetokenizeRequest) -> dict:
         self.check_model(req.model)
