@@ -60,7 +60,7 @@ class LLMEngine:
                     self.model_runner.attn_backend.name)
         self.model_runner.capture_graphs()
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config.block_size, num_gpu, num_cpu,
-                                   self.event_bus)
+                                   self.event_bus, enable_caching=config.cache_config.enable_prefix_caching)
         self.seq_counter = Counter()
         self.eos_token_ids = _eos_token_ids(mc, self.tokenizer)
         self.sampler = Sampler(self.model_runner.vocab_size, self.eos_token_ids,
@@ -273,9 +273,18 @@ class LLMEngine:
             to_process = step.finish()
             t4 = time.perf_counter()
             sample_s = step.sample_launch_s + t4 - t3
-            for group in groups:
+            bm = self.scheduler.block_manager
+            for sched in out.scheduled_seq_groups:
+                group = sched.seq_group
+                if group.metrics.finished_time is not None:
+                    continue
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
-                    seq.num_computed_tokens = seq.get_len()
+                    if sched.do_sample:
+                        seq.num_computed_tokens = seq.get_len()
+                    else:  # a prompt chunk (chunked prefill): the rest comes in later steps
+                        seq.num_computed_tokens += sched.token_chunk_size
+                    if bm.enable_caching:
+                        bm.mark_blocks_computed(seq)
             for group_to_sample, group_output in to_process:
                 try:
                     self.output_processor.process_outputs([group_to_sample], [group_output])
@@ -302,7 +311,7 @@ class LLMEngine:
         outputs = [RequestOutput.from_seq_group(g) for g in shown]
         if bus.active:
             bm = self.scheduler.block_manager
-            num_prefill = out.num_batched_tokens if out.is_prefill else 0
+            num_prefill = out.num_prefill_tokens
             bus.emit(StepFinished, latency_s=step_s, schedule_s=step.schedule_s, prepare_s=timings.prepare_s,
                      forward_s=timings.forward_s, sample_s=sample_s, detokenize_s=detok_s,
                      batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1

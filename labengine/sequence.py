@@ -85,6 +85,8 @@ class Sequence:
         self.stop_reason: int | str | None = None
         # Tokens whose keys/values are in the KV cache. A recompute preemption resets it to 0.
         self.num_computed_tokens = 0
+        # Prefix caching: the hash of each full block (its tokens and all before), filled lazily.
+        self.block_hashes: list[int] = []
         # Incremental detokenizer state (see detokenizer.py).
         self.tokens: Optional[list[str]] = None
         self.prefix_offset = 0
