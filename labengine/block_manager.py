@@ -218,12 +218,16 @@ class BlockManager:
             blocks.append(block)
         return blocks, num_full
 
+    def cached_tokens_per_seq(self, seq_group: SequenceGroup) -> list[int]:
+        """Per waiting sequence, the tokens that a prefix-cache hit would spare it."""
+        waiting = seq_group.get_seqs(SequenceStatus.WAITING)
+        if not self.enable_caching:
+            return [0] * len(waiting)
+        return [len(self._cached_prefix(seq_group, s)[0]) * self.block_size for s in waiting]
+
     def num_cached_tokens(self, seq_group: SequenceGroup) -> int:
         """Tokens of the group's waiting sequences that a prefix-cache hit would spare."""
-        if not self.enable_caching:
-            return 0
-        return sum(len(self._cached_prefix(seq_group, s)[0]) * self.block_size
-                   for s in seq_group.get_seqs(SequenceStatus.WAITING))
+        return sum(self.cached_tokens_per_seq(seq_group)) if self.enable_caching else 0
 
     def mark_blocks_computed(self, seq: Sequence) -> None:
         """Register the sequence's full blocks whose keys/values are now in the cache."""

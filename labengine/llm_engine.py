@@ -73,6 +73,8 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self.guided_decoding_backend = config.guided_decoding_backend
         self._inflight: Optional[_Inflight] = None  # a decode step launched, not yet completed
+        # prompt tokens that went through the model (a prefix-cache hit spares some)
+        self.num_prefill_tokens_computed = 0
         self.invariant_checker = None
         if config.check_invariants:
             from labengine.trace import InvariantChecker
@@ -161,6 +163,12 @@ class LLMEngine:
             # so an idle engine has nothing in flight.
             self._inflight = None
             self._complete(step)
+
+    def get_prefix_cache_hit_rate(self) -> float:
+        """Full prompt blocks found in the prefix cache / looked up so far (vLLM's
+        gpu_prefix_cache_hit_rate); -1.0 when enable_prefix_caching is off."""
+        bm = self.scheduler.block_manager
+        return bm.prefix_cache_hit_rate if bm.enable_caching else -1.0
 
     def has_unfinished_requests(self) -> bool:
         return self._inflight is not None or self.scheduler.has_unfinished_seqs()
@@ -279,10 +287,10 @@ class LLMEngine:
                 if group.metrics.finished_time is not None:
                     continue
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
-                    if sched.do_sample:
+                    if sched.chunk_sizes is None:
                         seq.num_computed_tokens = seq.get_len()
                     else:  # a prompt chunk (chunked prefill): the rest comes in later steps
-                        seq.num_computed_tokens += sched.token_chunk_size
+                        seq.num_computed_tokens += sched.chunk_sizes[seq.seq_id]
                     if bm.enable_caching:
                         bm.mark_blocks_computed(seq)
             for group_to_sample, group_output in to_process:
@@ -304,6 +312,7 @@ class LLMEngine:
             m.scheduler_time += step.schedule_s
             m.model_forward_time += timings.forward_s
             m.model_execute_time += timings.prepare_s + timings.forward_s + sample_s
+        self.num_prefill_tokens_computed += out.num_prefill_tokens
         finished = self.scheduler.free_finished_seq_groups()
         for group in finished + out.ignored_seq_groups:
             self._finish(group, now)

@@ -202,7 +202,10 @@ class ModelRunner:
                 start = seq.num_computed_tokens  # tokens before it are cached (a prefix, earlier chunks)
                 # a prompt chunk (chunked prefill) stops short of the sequence's end; a decode
                 # mixed into the step (chunked prefill) or a whole prefill runs to the end
-                end = seq.get_len() if len(seqs) > 1 else min(seq.get_len(), start + scheduled.token_chunk_size)
+                sizes = scheduled.chunk_sizes
+                end = seq.get_len() if sizes is None else start + sizes[seq.seq_id]
+                if end == start:
+                    continue  # this chunk is for the group's other sequences
                 n = len(input_ids)
                 input_ids.extend(seq.get_token_ids()[start:end])
                 positions.extend(range(start, end))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 from labengine.block_manager import AllocStatus, BlockManager
 from labengine.config import SchedulerConfig
@@ -33,6 +33,9 @@ class ScheduledSequenceGroup:
     # False for a prompt chunk that does not reach the end of the prompt: nothing to sample
     do_sample: bool = True
     is_prefill: bool = False  # a prompt (or recomputed sequence) rather than decode tokens
+    # a chunk that is not the last: tokens per seq_id (a sequence may get none); None: every
+    # sequence runs to its end
+    chunk_sizes: Optional[dict] = None
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Scheduler:
         for s in prefills:
             for seq in s.seq_group.get_seqs(SequenceStatus.RUNNING):
                 start = seq.num_computed_tokens
-                n = seq.get_len() - start if s.do_sample else s.token_chunk_size
+                n = seq.get_len() - start if s.chunk_sizes is None else s.chunk_sizes[seq.seq_id]
                 self.bus.emit(PrefillChunk, request_id=s.seq_group.request_id, start=start, num_tokens=n,
                               total_len=seq.get_len(), is_last=s.do_sample)
         self.bus.emit(Scheduled, prefill_request_ids=tuple(s.seq_group.request_id for s in prefills),
@@ -214,8 +217,7 @@ class Scheduler:
 
     def _schedule_chunked(self, out: SchedulerOutputs) -> None:
         """Chunked prefill (vLLM 0.5.4's policy): decodes first, prefill chunks fill the rest
-        of the token budget. A group of several sequences (a recomputed n > 1 request) is
-        never cut: it is prefilled whole or waits."""
+        of the token budget."""
         bm, budget = self.block_manager, self.config.max_num_batched_tokens
         # 1. every running decode, oldest first; the newest running request is preempted
         #    when blocks run out (a prompt being prefilled holds all its blocks already)
@@ -243,23 +245,15 @@ class Scheduler:
         num_tokens = sum(g.num_seqs(SequenceStatus.RUNNING) for g in decodes)  # <= max_num_seqs <= budget
         prefills: list[ScheduledSequenceGroup] = []
 
-        def chunk_of(seqs: list[Sequence], remaining: int) -> int:
-            left = budget - num_tokens
-            if len(seqs) > 1:
-                return remaining if remaining <= left else 0
-            return min(remaining, left)
-
         # 2. the next chunk of every prompt already being prefilled
         for group in list(self.running):
             if not group.is_prefill():
                 continue
-            seqs = group.get_seqs(SequenceStatus.RUNNING)
-            remaining = sum(s.get_num_uncomputed_tokens() for s in seqs)
-            chunk = chunk_of(seqs, remaining)
-            if chunk == 0:
+            scheduled = _chunk(group, group.get_seqs(SequenceStatus.RUNNING), budget - num_tokens)
+            if scheduled is None:
                 break
-            prefills.append(ScheduledSequenceGroup(group, chunk, do_sample=chunk == remaining, is_prefill=True))
-            num_tokens += chunk
+            prefills.append(scheduled)
+            num_tokens += scheduled.token_chunk_size
         # 3. new prompts, first come first served, while budget, max_num_seqs and blocks allow
         num_seqs = self._num_running_seqs()
         while self.waiting and not self.swapped:
@@ -274,18 +268,17 @@ class Scheduler:
                 out.ignored_seq_groups.append(group)
                 continue
             seqs = group.get_seqs(SequenceStatus.WAITING)
-            remaining = sum(s.get_len() for s in seqs) - bm.num_cached_tokens(group)
-            chunk = chunk_of(seqs, remaining)
             new_seqs = group.get_max_num_running_seqs()
-            if chunk == 0 or num_seqs + new_seqs > self.config.max_num_seqs:
+            scheduled = _chunk(group, seqs, budget - num_tokens, bm.cached_tokens_per_seq(group))
+            if scheduled is None or num_seqs + new_seqs > self.config.max_num_seqs:
                 break
             self.waiting.popleft()
             bm.allocate(group)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
-            prefills.append(ScheduledSequenceGroup(group, chunk, do_sample=chunk == remaining, is_prefill=True))
-            num_tokens += chunk
+            prefills.append(scheduled)
+            num_tokens += scheduled.token_chunk_size
             num_seqs += new_seqs
         out.scheduled_seq_groups = prefills + [ScheduledSequenceGroup(g, g.num_seqs(SequenceStatus.RUNNING))
                                                for g in decodes]
@@ -365,3 +358,27 @@ class Scheduler:
                 self.free_seq(seq, "preempted")
                 seq.reset_for_recompute()
             self.waiting.appendleft(group)
+
+
+def _chunk(group: SequenceGroup, seqs: list[Sequence], left: int,
+           cached: Optional[list[int]] = None) -> Optional[ScheduledSequenceGroup]:
+    """What of the group's prefill fits in `left` tokens (None: nothing). `cached`: per
+    sequence, the tokens a prefix-cache hit will spare (a group not yet allocated). The last
+    chunk computes every sequence's remaining tokens at once and samples; until then each
+    sequence stops one token short of its end (its last token's logits are needed when it
+    is sampled), sequences filled in order."""
+    remaining = [s.get_num_uncomputed_tokens() for s in seqs]
+    if cached:
+        remaining = [r - c for r, c in zip(remaining, cached)]
+    total = sum(remaining)
+    if total <= left:
+        return ScheduledSequenceGroup(group, total, do_sample=True, is_prefill=True) if total else None
+    sizes = {}
+    for seq, r in zip(seqs, remaining):
+        take = min(max(r - 1, 0), left)
+        sizes[seq.seq_id] = take
+        left -= take
+    chunk = sum(sizes.values())
+    if chunk == 0:
+        return None
+    return ScheduledSequenceGroup(group, chunk, do_sample=False, is_prefill=True, chunk_sizes=sizes)

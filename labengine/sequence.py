@@ -199,7 +199,8 @@ class SequenceGroup:
 
     def is_prefill(self) -> bool:
         """True until the group's prompt (or recomputed tokens) has gone through the model."""
-        return any(s.num_computed_tokens < s.get_len() - 1 or s.num_computed_tokens == 0
+        # (a prompt chunked up to its last token is still in its prefill: nothing sampled yet)
+        return any(s.num_computed_tokens < s.get_len() - 1 or s.get_output_len() == 0
                    for s in self.get_unfinished_seqs())
 
     def is_finished(self) -> bool:
