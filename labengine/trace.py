@@ -290,10 +290,11 @@ def requests(df: pd.DataFrame) -> pd.DataFrame:
         row["num_preemptions"] = len(g)
         row["preemption_modes"] = tuple(g["mode"])
     # peak device blocks per request (ledger replay)
-    led = df[(df["event"].isin(["block_allocated", "block_freed"])) & (df["device"] == "gpu")]
+    led = df[(df["event"].isin(["block_allocated", "block_freed"]) & (df["device"] == "gpu"))
+             | (df["event"] == "block_reused")]
     held: dict[str, int] = {}
     for ev, rid in zip(led["event"], led["request_id"]):
-        held[rid] = held.get(rid, 0) + (1 if ev == "block_allocated" else -1)
+        held[rid] = held.get(rid, 0) + (-1 if ev == "block_freed" else 1)
         row = rows.setdefault(rid, {"request_id": rid})
         row["max_gpu_blocks"] = max(row.get("max_gpu_blocks", 0), held[rid])
 
@@ -330,48 +331,56 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     a block allocated and freed within one step is never owned "at" a step).
     Frees of blocks that the trace never saw allocated (a trace started mid-run) are skipped.
     """
+    # (device, block, request_id) -> open interval: with prefix caching several requests
+    # may hold one block at once (block_reused), each with its own interval
     open_: dict[tuple, dict] = {}
     done: list[dict] = []
     mask = df["event"].isin(["block_allocated", "block_freed", "block_copied",
-                             "block_swapped_out", "block_swapped_in"])
+                             "block_swapped_out", "block_swapped_in", "block_reused"])
     need = ["event", "step", "request_id", "seq_id", "block", "logical_index", "device", "reason",
             "src", "dst", "gpu_block", "cpu_block"]
     sub = df.loc[mask, [c for c in need if c in df.columns]].reindex(columns=need)
     for pos, r in zip(np.flatnonzero(mask.to_numpy()), sub.itertuples(index=False)):
         ev = r.event
-        if ev == "block_allocated":
-            key = (r.device, int(r.block))
-            if key in open_:  # double allocation: close the old one (the checker flags it)
-                old = open_.pop(key)
-                old.update(end_step=r.step, reason="reallocated")
-                done.append(old)
-            open_[key] = dict(device=r.device, block=int(r.block), request_id=r.request_id,
-                              seq_id=r.seq_id, logical_index=r.logical_index, event_index=int(pos),
-                              start_step=r.step,
-                              end_step=None, reason=None, cow_src=None, copied_from=False,
-                              swapped_to=None)
+        if ev in ("block_allocated", "block_reused"):
+            dev = "gpu" if ev == "block_reused" else r.device
+            if ev == "block_allocated":
+                for key in [k for k in open_ if k[:2] == (dev, int(r.block))]:
+                    old = open_.pop(key)  # double allocation: close the old one (the checker flags it)
+                    old.update(end_step=r.step, reason="reallocated")
+                    done.append(old)
+            open_[(dev, int(r.block), r.request_id)] = dict(
+                device=dev, block=int(r.block), request_id=r.request_id, seq_id=r.seq_id,
+                logical_index=r.logical_index, event_index=int(pos), start_step=r.step, end_step=None,
+                reason=None, cow_src=None, copied_from=False, swapped_to=None, reused=ev == "block_reused")
         elif ev == "block_freed":
-            key = (r.device, int(r.block))
-            iv = open_.pop(key, None)
+            iv = open_.pop((r.device, int(r.block), r.request_id), None)
+            if iv is None:  # a source that names the freeing request differently: the only holder
+                keys = [k for k in open_ if k[:2] == (r.device, int(r.block))]
+                iv = open_.pop(keys[0]) if len(keys) == 1 else None
             if iv is not None:
                 iv.update(end_step=r.step, reason=r.reason)
                 done.append(iv)
         elif ev == "block_copied":
             # copy-on-write within one request: both on the device pool
-            dst = open_.get(("gpu", int(r.dst)))
+            dst = open_.get(("gpu", int(r.dst), r.request_id))
             if dst is not None:
                 dst["cow_src"] = int(r.src)
-            src = open_.get(("gpu", int(r.src)))
+            src = open_.get(("gpu", int(r.src), r.request_id))
             if src is not None:
                 src["copied_from"] = True
         elif ev in ("block_swapped_out", "block_swapped_in"):
             # the freed side may already be closed: find it among open or recent intervals
             src_key = ("gpu", int(r.gpu_block)) if ev == "block_swapped_out" else ("cpu", int(r.cpu_block))
+            src_key = src_key + (r.request_id,)
             dst_blk = int(r.cpu_block) if ev == "block_swapped_out" else int(r.gpu_block)
             iv = open_.get(src_key)
             if iv is None:
+                keys = [k for k in open_ if k[:2] == src_key[:2]]
+                iv = open_[keys[0]] if len(keys) == 1 else None
+            if iv is None:
                 for cand in reversed(done):
-                    if (cand["device"], cand["block"]) == src_key:
+                    if (cand["device"], cand["block"]) == src_key[:2]:
                         iv = cand
                         break
             if iv is not None:
@@ -379,7 +388,8 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     out = pd.DataFrame(done + list(open_.values()),
                        columns=["device", "block", "request_id", "seq_id", "logical_index",
                                 "start_step", "end_step", "reason", "cow_src", "copied_from",
-                                "swapped_to", "event_index"])
+                                "swapped_to", "event_index", "reused"])
+    out["reused"] = out["reused"].fillna(False).astype(bool)
     if device is not None:
         out = out[out["device"] == device]
     return out.sort_values("event_index", kind="stable").reset_index(drop=True)
