@@ -374,3 +374,45 @@ def test_server_flag_and_metric(tmp_path):
     line = [ln for ln in text.splitlines() if ln.startswith("labengine:gpu_prefix_cache_hit_rate")]
     assert line and float(line[0].split()[-1]) == pytest.approx(0.5)  # 4 of 4 blocks hit, then 0 of 4
     assert engine.get_stats()["gpu_prefix_cache_hit_rate"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------- what learners see
+def test_block_map_and_timeline_show_sharing_caching_and_chunks(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labengine import viz
+    from labengine.trace import request_states
+
+    path = make_random_model("llama", tmp_path / "m")
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(path), block_size=BS, num_gpu_blocks_override=64, max_model_len=128, max_num_seqs=4,
+        max_num_batched_tokens=16, enable_chunked_prefill=True, enable_prefix_caching=True, check_invariants=True))
+    system = list(range(100, 124))  # 6 full blocks
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with engine.trace() as trace:
+        engine.add_request("a", {"prompt_token_ids": system + [1, 2]}, greedy)
+        for _ in range(4):
+            engine.step()
+        engine.add_request("b", {"prompt_token_ids": system + [3, 4]}, greedy)  # shares a's prefix
+        engine.add_request("long", {"prompt_token_ids": list(range(200, 260))}, SamplingParams(max_tokens=2))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.add_request("c", {"prompt_token_ids": system + [5]}, greedy)  # a's blocks: free, cached
+        while engine.has_unfinished_requests():
+            engine.step()
+    df = trace.to_dataframe()
+    data = viz.block_map_data(df)
+    assert data.multi_request is not None and data.multi_request.any()  # a and b hold the prefix together
+    assert data.cached.any() and not (data.cached & (data.grid >= 0)).any()
+    reused = df[df["event"] == "block_reused"]
+    assert set(reused["request_id"]) >= {"b", "c"} and reused["from_evictor"].astype(bool).any()
+    viz.plot_block_map(df)
+    # the timeline: the long prompt in prefill for several steps while a and b decode in them
+    states = request_states(df)
+    chunk_steps = sorted(df[(df["event"] == "prefill_chunk") & (df["request_id"] == "long")]["step"])
+    assert len(chunk_steps) >= 4
+    both = [s for s in chunk_steps if states.loc[s, "long"] == "prefill" and "decode" in
+            (states.loc[s, "a"], states.loc[s, "b"])]
+    assert len(both) >= 3
+    viz.plot_timeline(df)
