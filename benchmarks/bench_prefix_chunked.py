@@ -194,7 +194,7 @@ def chunked_experiment(path: str, args, vocab: int) -> None:
     print(f"    long prompt's TTFT, off / on:            {1e3 * off['ttft']:.1f} ms / {1e3 * on['ttft']:.1f} ms")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--random-qwen3", action="store_true", help="a random-weight Qwen3-0.6B-shaped model "
                    "(default: a small Qwen3-shaped one, for the CPU)")
@@ -208,7 +208,11 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1152)
     p.add_argument("--experiment", choices=["both", "prefix", "chunked"], default="both")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     cfg = QWEN3_0_6B if args.random_qwen3 else SMALL
     if args.random_qwen3 and DEV == "cpu":
         print("note: --random-qwen3 on the CPU is slow; the GPU is what it is meant for")
