@@ -153,12 +153,6 @@ class EngineArgs:
                              "use device='auto' or device='cpu'.")
         if self.attention_backend not in (None, "auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}.")
-        if self.enable_prefix_caching:
-            raise ValueError("enable_prefix_caching=True is not supported by labengine (no prefix cache yet); "
-                             "use enable_prefix_caching=False.")
-        if self.enable_chunked_prefill:
-            raise ValueError("enable_chunked_prefill=True is not supported by labengine: prompts are prefilled "
-                             "whole; use enable_chunked_prefill=False.")
         if self.max_context_len_to_capture is not None:
             # The old name (vLLM < 0.4.2) of max_seq_len_to_capture.
             self.max_seq_len_to_capture = self.max_context_len_to_capture

@@ -393,6 +393,8 @@ class AsyncLLMEngine:
                 "num_gpu_blocks": total,
                 "num_free_gpu_blocks": free,
                 "kv_cache_usage": (1.0 - free / total) if total else 0.0,
+                # vLLM's gpu_prefix_cache_hit_rate: -1 with prefix caching off
+                "gpu_prefix_cache_hit_rate": bm.prefix_cache_hit_rate if bm.enable_caching else -1.0,
                 "time": time.time(),
             }
         except Exception:  # an engine without these attributes: stats stay empty

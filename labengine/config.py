@@ -93,6 +93,7 @@ class CacheConfig:
     cpu_kv_cache_space_bytes: int
     num_gpu_blocks: int = 0  # set by the ModelRunner once the cache is sized
     num_cpu_blocks: int = 0
+    enable_prefix_caching: bool = False
 
 
 @dataclass
@@ -101,6 +102,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     preemption_mode: str = "recompute"
+    enable_chunked_prefill: bool = False
 
 
 @dataclass
@@ -140,13 +142,14 @@ class EngineConfig:
             max_model_len = args.max_model_len
         max_batched = args.max_num_batched_tokens
         if max_batched is None:
-            max_batched = max(max_model_len, 2048)
-        if max_batched < max_model_len:
+            # vLLM's defaults: 512 balances inter-token latency and TTFT once prompts are chunked
+            max_batched = 512 if args.enable_chunked_prefill else max(max_model_len, 2048)
+        if max_batched < max_model_len and not args.enable_chunked_prefill:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}). "
                 "This effectively limits the maximum sequence length to max_num_batched_tokens and makes "
                 "the engine reject longer sequences. Please increase max_num_batched_tokens or decrease "
-                "max_model_len.")
+                "max_model_len (or use enable_chunked_prefill=True, which prefills long prompts in chunks).")
         if max_batched < args.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be greater than or equal to "
                              f"max_num_seqs ({args.max_num_seqs}).")
@@ -160,10 +163,11 @@ class EngineConfig:
         cache_config = CacheConfig(
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             swap_space_bytes=int(args.swap_space * (1 << 30)), num_gpu_blocks_override=args.num_gpu_blocks_override,
-            cpu_kv_cache_space_bytes=int(args.cpu_kv_cache_space * (1 << 30)))
+            cpu_kv_cache_space_bytes=int(args.cpu_kv_cache_space * (1 << 30)),
+            enable_prefix_caching=args.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
-            preemption_mode=args.resolved_preemption_mode)
+            preemption_mode=args.resolved_preemption_mode, enable_chunked_prefill=args.enable_chunked_prefill)
         return cls(model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
                    device=device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                    max_seq_len_to_capture=args.max_seq_len_to_capture, max_logprobs=args.max_logprobs,

@@ -64,6 +64,54 @@ class BlockFreed(Event):
     block: int
     device: str
     reason: str  # "finished", "aborted", "preempted", "swapped_out", "swapped_in", "copy_on_write"
+    # prefix caching: the request let go of the block. cached=True: nobody holds it any more
+    # but it stays registered (in the evictor), reusable by a later request with that prefix.
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class PrefixCacheLookup(Event):
+    """Prefix caching: a waiting sequence looked its full prompt blocks up at admission."""
+    kind: ClassVar[str] = "prefix_cache_lookup"
+    request_id: str
+    seq_id: int
+    num_queried_blocks: int  # full blocks looked up (the last token is always computed)
+    num_hit_blocks: int  # leading blocks found: hits; the rest of the queried ones are misses
+    hit_blocks: tuple  # the physical blocks reused, in logical order
+    num_cached_tokens: int  # tokens not computed thanks to the hits
+    num_tokens: int  # the sequence's length
+
+
+@dataclass(frozen=True)
+class BlockReused(Event):
+    """Prefix caching: a request took a registered block (a cache hit) instead of a fresh one."""
+    kind: ClassVar[str] = "block_reused"
+    request_id: str
+    seq_id: int
+    block: int
+    logical_index: int
+    from_evictor: bool  # True: the block was free (cached); False: other requests hold it too
+    num_holders: int  # requests holding the block now, this one included
+
+
+@dataclass(frozen=True)
+class BlockEvicted(Event):
+    """Prefix caching: a cached free block lost its registration to make a fresh block."""
+    kind: ClassVar[str] = "block_evicted"
+    block: int
+    block_hash: int
+    request_id: str  # the request that needed the fresh block
+
+
+@dataclass(frozen=True)
+class PrefillChunk(Event):
+    """A prompt (or recomputed sequence) goes through the model in this step, whole or a chunk."""
+    kind: ClassVar[str] = "prefill_chunk"
+    request_id: str
+    start: int  # first position computed this step (tokens before it are cached or done)
+    num_tokens: int
+    total_len: int  # the sequence's length: the prefill ends when start + num_tokens == total_len
+    is_last: bool  # this chunk ends the prefill (the step samples a token)
 
 
 @dataclass(frozen=True)
@@ -133,7 +181,8 @@ class RequestFinished(Event):
 
 
 EVENT_TYPES = (RequestAdded, Scheduled, BlockAllocated, BlockFreed, BlockCopied, BlockSwappedOut,
-               BlockSwappedIn, Preempted, StepFinished, RequestFinished)
+               BlockSwappedIn, Preempted, StepFinished, RequestFinished, PrefixCacheLookup, BlockReused,
+               BlockEvicted, PrefillChunk)
 
 
 class EventBus:

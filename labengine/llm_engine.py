@@ -60,7 +60,7 @@ class LLMEngine:
                     self.model_runner.attn_backend.name)
         self.model_runner.capture_graphs()
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config.block_size, num_gpu, num_cpu,
-                                   self.event_bus)
+                                   self.event_bus, enable_caching=config.cache_config.enable_prefix_caching)
         self.seq_counter = Counter()
         self.eos_token_ids = _eos_token_ids(mc, self.tokenizer)
         self.sampler = Sampler(self.model_runner.vocab_size, self.eos_token_ids,
@@ -73,6 +73,8 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self.guided_decoding_backend = config.guided_decoding_backend
         self._inflight: Optional[_Inflight] = None  # a decode step launched, not yet completed
+        # prompt tokens that went through the model (a prefix-cache hit spares some)
+        self.num_prefill_tokens_computed = 0
         self.invariant_checker = None
         if config.check_invariants:
             from labengine.trace import InvariantChecker
@@ -179,6 +181,12 @@ class LLMEngine:
             # so an idle engine has nothing in flight.
             self._inflight = None
             self._complete(step)
+
+    def get_prefix_cache_hit_rate(self) -> float:
+        """Full prompt blocks found in the prefix cache / looked up so far (vLLM's
+        gpu_prefix_cache_hit_rate); -1.0 when enable_prefix_caching is off."""
+        bm = self.scheduler.block_manager
+        return bm.prefix_cache_hit_rate if bm.enable_caching else -1.0
 
     def has_unfinished_requests(self) -> bool:
         return self._inflight is not None or self.scheduler.has_unfinished_seqs()
@@ -291,9 +299,18 @@ class LLMEngine:
             to_process = step.finish()
             t4 = time.perf_counter()
             sample_s = step.sample_launch_s + t4 - t3
-            for group in groups:
+            bm = self.scheduler.block_manager
+            for sched in out.scheduled_seq_groups:
+                group = sched.seq_group
+                if group.metrics.finished_time is not None:
+                    continue
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
-                    seq.num_computed_tokens = seq.get_len()
+                    if sched.chunk_sizes is None:
+                        seq.num_computed_tokens = seq.get_len()
+                    else:  # a prompt chunk (chunked prefill): the rest comes in later steps
+                        seq.num_computed_tokens += sched.chunk_sizes[seq.seq_id]
+                    if bm.enable_caching:
+                        bm.mark_blocks_computed(seq)
             for group_to_sample, group_output in to_process:
                 try:
                     self.output_processor.process_outputs([group_to_sample], [group_output])
@@ -313,6 +330,7 @@ class LLMEngine:
             m.scheduler_time += step.schedule_s
             m.model_forward_time += timings.forward_s
             m.model_execute_time += timings.prepare_s + timings.forward_s + sample_s
+        self.num_prefill_tokens_computed += out.num_prefill_tokens
         finished = self.scheduler.free_finished_seq_groups()
         for group in finished + out.ignored_seq_groups:
             self._finish(group, now)
@@ -320,7 +338,7 @@ class LLMEngine:
         outputs = [RequestOutput.from_seq_group(g) for g in shown]
         if bus.active:
             bm = self.scheduler.block_manager
-            num_prefill = out.num_batched_tokens if out.is_prefill else 0
+            num_prefill = out.num_prefill_tokens
             bus.emit(StepFinished, latency_s=step_s, schedule_s=step.schedule_s, prepare_s=timings.prepare_s,
                      forward_s=timings.forward_s, sample_s=sample_s, detokenize_s=detok_s,
                      batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1

@@ -196,25 +196,38 @@ class ModelRunner:
             seqs = group.get_seqs(SequenceStatus.RUNNING)
             sample_rows, prompt_rows = [], []
             is_prompt = seqs[0].get_output_len() == 0
+            prompt_start = 0
             for seq in seqs:
                 table = block_tables[seq.seq_id]
-                seq_len = seq.get_len()
-                start = seq.num_computed_tokens
+                start = seq.num_computed_tokens  # tokens before it are cached (a prefix, earlier chunks)
+                # a prompt chunk (chunked prefill) stops short of the sequence's end; a decode
+                # mixed into the step (chunked prefill) or a whole prefill runs to the end
+                sizes = scheduled.chunk_sizes
+                end = seq.get_len() if sizes is None else start + sizes[seq.seq_id]
+                if end == start:
+                    continue  # this chunk is for the group's other sequences
                 n = len(input_ids)
-                input_ids.extend(seq.get_token_ids()[start:])
-                positions.extend(range(start, seq_len))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, seq_len))
-                seq_lens.append(seq_len)
-                query_lens.append(seq_len - start)
+                input_ids.extend(seq.get_token_ids()[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                seq_lens.append(end)
+                query_lens.append(end - start)
                 tables.append(table)
-                if is_prompt and params.prompt_logprobs is not None and group.prompt_logprobs is None:
-                    prompt_rows.extend(range(len(logits_rows), len(logits_rows) + seq_len - start - 1))
-                    logits_rows.extend(range(n, n + seq_len - start - 1))
-                sample_rows.append(len(logits_rows))
-                logits_rows.append(len(input_ids) - 1)
+                # Prompt logprobs the group still lacks (row of position p predicts token p+1):
+                # from the first missing token on (a recompute has them all already).
+                if is_prompt and params.prompt_logprobs is not None and len(seqs) == 1:
+                    first = max(len(group.prompt_logprobs or ()), 1) - 1  # position predicting it
+                    count = min(end, seq.get_prompt_len() - 1) - first
+                    if first >= start and count > 0:
+                        prompt_start = first
+                        prompt_rows.extend(range(len(logits_rows), len(logits_rows) + count))
+                        logits_rows.extend(range(n + first - start, n + first - start + count))
+                if end == seq.get_len():
+                    sample_rows.append(len(logits_rows))
+                    logits_rows.append(len(input_ids) - 1)
             groups.append(SequenceGroupToSample(seq_group=group, seq_ids=[s.seq_id for s in seqs],
                                                 is_prompt=is_prompt, prompt_logprob_rows=prompt_rows,
-                                                sample_rows=sample_rows))
+                                                sample_rows=sample_rows, prompt_logprob_start=prompt_start))
         dev = self.device
         meta = self._metadata(True, to_device(slots, torch.int64, dev),
                               seq_lens, query_lens, self._table_tensor(tables))

@@ -57,6 +57,8 @@ class SequenceGroupToSample:
     is_prompt: bool
     prompt_logprob_rows: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    # chunked prefill: the position of the first prompt_logprob_rows row (row j predicts token j + 1)
+    prompt_logprob_start: int = 0
 
     @property
     def sampling_params(self) -> SamplingParams:
@@ -386,7 +388,8 @@ class Sampler:
                 prompt_ids = g.seq_group.prompt_token_ids
                 n_pr = len(g.prompt_logprob_rows)
                 prompt_lp_rows.extend(g.prompt_logprob_rows)
-                prompt_lp_targets.extend(prompt_ids[1:1 + n_pr])
+                p0 = g.prompt_logprob_start
+                prompt_lp_targets.extend(prompt_ids[1 + p0:1 + p0 + n_pr])
             if not g.sample_rows:
                 continue
             seqs = [g.seq_group.seqs_dict[sid] for sid in g.seq_ids]

@@ -7,16 +7,22 @@ or one decode token for every running sequence. Requests join and leave the runn
 between steps. When a running sequence needs a block and none is free, the newest running
 request is preempted: its blocks are freed and it is recomputed later ("recompute"), or
 its blocks are moved to the CPU pool and brought back later ("swap").
+
+With prefix caching a prompt's cached blocks are reused at admission and only its other
+tokens count against the token budget. With chunked prefill (vLLM 0.5.4's policy) a step
+mixes both kinds: every running decode first, then the chunk of a prompt already being
+prefilled, then swapped-in requests, then new prompts; a prompt that does not fit in what
+is left of `max_num_batched_tokens` is cut, and its next chunk comes next step.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 from labengine.block_manager import AllocStatus, BlockManager
 from labengine.config import SchedulerConfig
-from labengine.events import EventBus, Preempted, Scheduled
+from labengine.events import EventBus, Preempted, PrefillChunk, Scheduled
 from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -24,13 +30,20 @@ from labengine.sequence import Sequence, SequenceGroup, SequenceStatus
 class ScheduledSequenceGroup:
     seq_group: SequenceGroup
     token_chunk_size: int  # tokens of this group that go through the model this step
+    # False for a prompt chunk that does not reach the end of the prompt: nothing to sample
+    do_sample: bool = True
+    is_prefill: bool = False  # a prompt (or recomputed sequence) rather than decode tokens
+    # a chunk that is not the last: tokens per seq_id (a sequence may get none); None: every
+    # sequence runs to its end
+    chunk_sizes: Optional[dict] = None
 
 
 @dataclass
 class SchedulerOutputs:
     scheduled_seq_groups: list[ScheduledSequenceGroup] = field(default_factory=list)
-    is_prefill: bool = False
+    is_prefill: bool = False  # some group is in its prefill (with chunked prefill, decodes may join it)
     num_batched_tokens: int = 0
+    num_prefill_tokens: int = 0
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), copy-on-write
@@ -47,10 +60,12 @@ class SchedulerOutputs:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
-                 event_bus: EventBus | None = None, watermark: float = 0.01) -> None:
+                 event_bus: EventBus | None = None, watermark: float = 0.01, enable_caching: bool = False) -> None:
         self.config = config
         self.bus = event_bus or EventBus()
-        self.block_manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, self.bus)
+        self.block_manager = BlockManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark, self.bus,
+                                          enable_caching=enable_caching)
+        self.chunked_prefill = getattr(config, "enable_chunked_prefill", False)
         self.waiting: deque[SequenceGroup] = deque()
         self.running: deque[SequenceGroup] = deque()
         self.swapped: deque[SequenceGroup] = deque()
@@ -93,6 +108,11 @@ class Scheduler:
     # ---- the decision ----
     def schedule(self) -> SchedulerOutputs:
         out = SchedulerOutputs()
+        if self.chunked_prefill:
+            self._schedule_chunked(out)
+            if self.bus.active:
+                self._emit_scheduled(out)
+            return out
         if not self.swapped:
             self._schedule_prefills(out)
         if not out.scheduled_seq_groups:
@@ -102,9 +122,16 @@ class Scheduler:
         return out
 
     def _emit_scheduled(self, out: SchedulerOutputs) -> None:
-        ids = tuple(s.seq_group.request_id for s in out.scheduled_seq_groups)
-        self.bus.emit(Scheduled, prefill_request_ids=ids if out.is_prefill else (),
-                      decode_request_ids=() if out.is_prefill else ids,
+        prefills = [s for s in out.scheduled_seq_groups if s.is_prefill]
+        for s in prefills:
+            for seq in s.seq_group.get_seqs(SequenceStatus.RUNNING):
+                start = seq.num_computed_tokens
+                n = seq.get_len() - start if s.chunk_sizes is None else s.chunk_sizes[seq.seq_id]
+                self.bus.emit(PrefillChunk, request_id=s.seq_group.request_id, start=start, num_tokens=n,
+                              total_len=seq.get_len(), is_last=s.do_sample)
+        self.bus.emit(Scheduled, prefill_request_ids=tuple(s.seq_group.request_id for s in prefills),
+                      decode_request_ids=tuple(s.seq_group.request_id for s in out.scheduled_seq_groups
+                                               if not s.is_prefill),
                       num_batched_tokens=out.num_batched_tokens,
                       token_budget=self.config.max_num_batched_tokens, seq_budget=self.config.max_num_seqs,
                       num_running=len(self.running), num_waiting=len(self.waiting),
@@ -121,6 +148,8 @@ class Scheduler:
         """
         if self.waiting or self.swapped or not self.running:
             return None
+        if self.chunked_prefill and any(g.is_prefill() for g in self.running):
+            return None  # a prompt is being prefilled in chunks: its next chunk is decided normally
         running = SequenceStatus.RUNNING
         cap = self.config.max_model_len
         seqs: list[Sequence] = []
@@ -173,6 +202,8 @@ class Scheduler:
                     seq.status = SequenceStatus.FINISHED_IGNORED
                 out.ignored_seq_groups.append(group)
                 continue
+            # Tokens of a cached prefix are not computed: they do not count against the budget.
+            new_tokens -= self.block_manager.num_cached_tokens(group)
             if (num_tokens + new_tokens > self.config.max_num_batched_tokens
                     or num_seqs + new_seqs > self.config.max_num_seqs):
                 break
@@ -181,11 +212,82 @@ class Scheduler:
             for seq in group.get_seqs(SequenceStatus.WAITING):
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
-            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, new_tokens))
+            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, new_tokens, is_prefill=True))
             num_tokens += new_tokens
             num_seqs += new_seqs
         out.is_prefill = bool(out.scheduled_seq_groups)
-        out.num_batched_tokens = num_tokens if out.is_prefill else 0
+        out.num_batched_tokens = out.num_prefill_tokens = num_tokens if out.is_prefill else 0
+
+    def _schedule_chunked(self, out: SchedulerOutputs) -> None:
+        """Chunked prefill (vLLM 0.5.4's policy): decodes first, prefill chunks fill the rest
+        of the token budget."""
+        bm, budget = self.block_manager, self.config.max_num_batched_tokens
+        # 1. every running decode, oldest first; the newest running request is preempted
+        #    when blocks run out (a prompt being prefilled holds all its blocks already)
+        queue = list(self.running)
+        kept: list[SequenceGroup] = []
+        while queue:
+            group = queue.pop(0)
+            if group.is_prefill():
+                kept.append(group)
+                continue
+            while not bm.can_append_slots(group):
+                victim = queue.pop() if queue else group
+                self._preempt(victim, out)
+                if victim is group:
+                    break
+            else:
+                self._append_slots(group, out)
+                kept.append(group)
+        self.running = deque(kept)
+        if not out.preempted:
+            self._schedule_swapped(out)  # they come back as decodes
+        else:
+            self.waiting = deque(sorted(self.waiting, key=lambda g: g.arrival_time))
+        decodes = [g for g in self.running if not g.is_prefill()]
+        num_tokens = sum(g.num_seqs(SequenceStatus.RUNNING) for g in decodes)  # <= max_num_seqs <= budget
+        prefills: list[ScheduledSequenceGroup] = []
+
+        # 2. the next chunk of every prompt already being prefilled
+        for group in list(self.running):
+            if not group.is_prefill():
+                continue
+            scheduled = _chunk(group, group.get_seqs(SequenceStatus.RUNNING), budget - num_tokens)
+            if scheduled is None:
+                break
+            prefills.append(scheduled)
+            num_tokens += scheduled.token_chunk_size
+        # 3. new prompts, first come first served, while budget, max_num_seqs and blocks allow
+        num_seqs = self._num_running_seqs()
+        while self.waiting and not self.swapped:
+            group = self.waiting[0]
+            status = bm.can_allocate(group)
+            if status == AllocStatus.LATER:
+                break
+            if status == AllocStatus.NEVER:
+                self.waiting.popleft()
+                for seq in group.get_seqs(SequenceStatus.WAITING):
+                    seq.status = SequenceStatus.FINISHED_IGNORED
+                out.ignored_seq_groups.append(group)
+                continue
+            seqs = group.get_seqs(SequenceStatus.WAITING)
+            new_seqs = group.get_max_num_running_seqs()
+            scheduled = _chunk(group, seqs, budget - num_tokens, bm.cached_tokens_per_seq(group))
+            if scheduled is None or num_seqs + new_seqs > self.config.max_num_seqs:
+                break
+            self.waiting.popleft()
+            bm.allocate(group)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            prefills.append(scheduled)
+            num_tokens += scheduled.token_chunk_size
+            num_seqs += new_seqs
+        out.scheduled_seq_groups = prefills + [ScheduledSequenceGroup(g, g.num_seqs(SequenceStatus.RUNNING))
+                                               for g in decodes]
+        out.is_prefill = bool(prefills)
+        out.num_prefill_tokens = sum(p.token_chunk_size for p in prefills)
+        out.num_batched_tokens = num_tokens
 
     def _schedule_decodes(self, out: SchedulerOutputs) -> None:
         queue = list(self.running)  # oldest first
@@ -243,6 +345,8 @@ class Scheduler:
         mode = self.config.preemption_mode
         if mode == "swap" and not self.block_manager.can_swap_out(group):
             mode = "recompute"  # the CPU pool is full: fall back rather than fail the request
+        if mode == "swap" and self.chunked_prefill and group.is_prefill():
+            mode = "recompute"  # a prompt cut in chunks is simply started again
         if self.bus.active:
             self.bus.emit(Preempted, request_id=group.request_id, mode=mode)
         group.num_preemptions += 1
@@ -257,3 +361,27 @@ class Scheduler:
                 self.free_seq(seq, "preempted")
                 seq.reset_for_recompute()
             self.waiting.appendleft(group)
+
+
+def _chunk(group: SequenceGroup, seqs: list[Sequence], left: int,
+           cached: Optional[list[int]] = None) -> Optional[ScheduledSequenceGroup]:
+    """What of the group's prefill fits in `left` tokens (None: nothing). `cached`: per
+    sequence, the tokens a prefix-cache hit will spare (a group not yet allocated). The last
+    chunk computes every sequence's remaining tokens at once and samples; until then each
+    sequence stops one token short of its end (its last token's logits are needed when it
+    is sampled), sequences filled in order."""
+    remaining = [s.get_num_uncomputed_tokens() for s in seqs]
+    if cached:
+        remaining = [r - c for r, c in zip(remaining, cached)]
+    total = sum(remaining)
+    if total <= left:
+        return ScheduledSequenceGroup(group, total, do_sample=True, is_prefill=True) if total else None
+    sizes = {}
+    for seq, r in zip(seqs, remaining):
+        take = min(max(r - 1, 0), left)
+        sizes[seq.seq_id] = take
+        left -= take
+    chunk = sum(sizes.values())
+    if chunk == 0:
+        return None
+    return ScheduledSequenceGroup(group, chunk, do_sample=False, is_prefill=True, chunk_sizes=sizes)

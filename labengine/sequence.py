@@ -85,6 +85,8 @@ class Sequence:
         self.stop_reason: int | str | None = None
         # Tokens whose keys/values are in the KV cache. A recompute preemption resets it to 0.
         self.num_computed_tokens = 0
+        # Prefix caching: the hash of each full block (its tokens and all before), filled lazily.
+        self.block_hashes: list[int] = []
         # Incremental detokenizer state (see detokenizer.py).
         self.tokens: Optional[list[str]] = None
         self.prefix_offset = 0
@@ -197,7 +199,8 @@ class SequenceGroup:
 
     def is_prefill(self) -> bool:
         """True until the group's prompt (or recomputed tokens) has gone through the model."""
-        return any(s.num_computed_tokens < s.get_len() - 1 or s.num_computed_tokens == 0
+        # (a prompt chunked up to its last token is still in its prefill: nothing sampled yet)
+        return any(s.num_computed_tokens < s.get_len() - 1 or s.get_output_len() == 0
                    for s in self.get_unfinished_seqs())
 
     def is_finished(self) -> bool:

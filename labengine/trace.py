@@ -290,10 +290,11 @@ def requests(df: pd.DataFrame) -> pd.DataFrame:
         row["num_preemptions"] = len(g)
         row["preemption_modes"] = tuple(g["mode"])
     # peak device blocks per request (ledger replay)
-    led = df[(df["event"].isin(["block_allocated", "block_freed"])) & (df["device"] == "gpu")]
+    led = df[(df["event"].isin(["block_allocated", "block_freed"]) & (df["device"] == "gpu"))
+             | (df["event"] == "block_reused")]
     held: dict[str, int] = {}
     for ev, rid in zip(led["event"], led["request_id"]):
-        held[rid] = held.get(rid, 0) + (1 if ev == "block_allocated" else -1)
+        held[rid] = held.get(rid, 0) + (-1 if ev == "block_freed" else 1)
         row = rows.setdefault(rid, {"request_id": rid})
         row["max_gpu_blocks"] = max(row.get("max_gpu_blocks", 0), held[rid])
 
@@ -330,48 +331,56 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     a block allocated and freed within one step is never owned "at" a step).
     Frees of blocks that the trace never saw allocated (a trace started mid-run) are skipped.
     """
+    # (device, block, request_id) -> open interval: with prefix caching several requests
+    # may hold one block at once (block_reused), each with its own interval
     open_: dict[tuple, dict] = {}
     done: list[dict] = []
     mask = df["event"].isin(["block_allocated", "block_freed", "block_copied",
-                             "block_swapped_out", "block_swapped_in"])
+                             "block_swapped_out", "block_swapped_in", "block_reused"])
     need = ["event", "step", "request_id", "seq_id", "block", "logical_index", "device", "reason",
             "src", "dst", "gpu_block", "cpu_block"]
     sub = df.loc[mask, [c for c in need if c in df.columns]].reindex(columns=need)
     for pos, r in zip(np.flatnonzero(mask.to_numpy()), sub.itertuples(index=False)):
         ev = r.event
-        if ev == "block_allocated":
-            key = (r.device, int(r.block))
-            if key in open_:  # double allocation: close the old one (the checker flags it)
-                old = open_.pop(key)
-                old.update(end_step=r.step, reason="reallocated")
-                done.append(old)
-            open_[key] = dict(device=r.device, block=int(r.block), request_id=r.request_id,
-                              seq_id=r.seq_id, logical_index=r.logical_index, event_index=int(pos),
-                              start_step=r.step,
-                              end_step=None, reason=None, cow_src=None, copied_from=False,
-                              swapped_to=None)
+        if ev in ("block_allocated", "block_reused"):
+            dev = "gpu" if ev == "block_reused" else r.device
+            if ev == "block_allocated":
+                for key in [k for k in open_ if k[:2] == (dev, int(r.block))]:
+                    old = open_.pop(key)  # double allocation: close the old one (the checker flags it)
+                    old.update(end_step=r.step, reason="reallocated")
+                    done.append(old)
+            open_[(dev, int(r.block), r.request_id)] = dict(
+                device=dev, block=int(r.block), request_id=r.request_id, seq_id=r.seq_id,
+                logical_index=r.logical_index, event_index=int(pos), start_step=r.step, end_step=None,
+                reason=None, cow_src=None, copied_from=False, swapped_to=None, reused=ev == "block_reused")
         elif ev == "block_freed":
-            key = (r.device, int(r.block))
-            iv = open_.pop(key, None)
+            iv = open_.pop((r.device, int(r.block), r.request_id), None)
+            if iv is None:  # a source that names the freeing request differently: the only holder
+                keys = [k for k in open_ if k[:2] == (r.device, int(r.block))]
+                iv = open_.pop(keys[0]) if len(keys) == 1 else None
             if iv is not None:
                 iv.update(end_step=r.step, reason=r.reason)
                 done.append(iv)
         elif ev == "block_copied":
             # copy-on-write within one request: both on the device pool
-            dst = open_.get(("gpu", int(r.dst)))
+            dst = open_.get(("gpu", int(r.dst), r.request_id))
             if dst is not None:
                 dst["cow_src"] = int(r.src)
-            src = open_.get(("gpu", int(r.src)))
+            src = open_.get(("gpu", int(r.src), r.request_id))
             if src is not None:
                 src["copied_from"] = True
         elif ev in ("block_swapped_out", "block_swapped_in"):
             # the freed side may already be closed: find it among open or recent intervals
             src_key = ("gpu", int(r.gpu_block)) if ev == "block_swapped_out" else ("cpu", int(r.cpu_block))
+            src_key = src_key + (r.request_id,)
             dst_blk = int(r.cpu_block) if ev == "block_swapped_out" else int(r.gpu_block)
             iv = open_.get(src_key)
             if iv is None:
+                keys = [k for k in open_ if k[:2] == src_key[:2]]
+                iv = open_[keys[0]] if len(keys) == 1 else None
+            if iv is None:
                 for cand in reversed(done):
-                    if (cand["device"], cand["block"]) == src_key:
+                    if (cand["device"], cand["block"]) == src_key[:2]:
                         iv = cand
                         break
             if iv is not None:
@@ -379,7 +388,8 @@ def block_intervals(df: pd.DataFrame, device: Optional[str] = "gpu") -> pd.DataF
     out = pd.DataFrame(done + list(open_.values()),
                        columns=["device", "block", "request_id", "seq_id", "logical_index",
                                 "start_step", "end_step", "reason", "cow_src", "copied_from",
-                                "swapped_to", "event_index"])
+                                "swapped_to", "event_index", "reused"])
+    out["reused"] = out["reused"].fillna(False).astype(bool)
     if device is not None:
         out = out[out["device"] == device]
     return out.sort_values("event_index", kind="stable").reset_index(drop=True)
@@ -499,14 +509,19 @@ class InvariantChecker:
 
     From the events (always): a block is never allocated while already owned, only owned
     blocks are freed (by their owner), copy-on-write and swaps involve the request's own
-    blocks, and once a request has finished it owns nothing. At every step_finished the
-    ledger's count must equal kv_blocks_used and stay within kv_blocks_total.
+    blocks, and once a request has finished it owns nothing. With prefix caching a block
+    may be owned by several requests (block_reused): a reused block is either held by
+    others or cached and free, a cached free block is given out fresh only after it was
+    evicted, and only cached free blocks are evicted. At every step_finished the ledger's
+    count must equal kv_blocks_used and stay within kv_blocks_total.
 
     From the block manager (when given an engine or a block manager): free + used == total
-    for the gpu and cpu pools, ref counts never negative, a block is referenced (ref count
-    >= 1, not in the free list) exactly when it is in some sequence's block table, no block
-    is in two requests' tables, no table belongs to a finished request, and the ledger
-    agrees with the manager about which blocks are in use.
+    for the gpu and cpu pools, ref counts exact (a block's count is the number of block
+    table entries naming it), a block is free exactly when no table names it, no block is
+    in two requests' tables unless it is a registered (hashed) prefix block, no table belongs
+    to a finished request, the ledger agrees with the manager about which blocks are in use
+    and which are cached, and every registered block of a sequence holds the tokens its
+    hash says (the hash of the sequence's own tokens up to there).
 
         checker = InvariantChecker(llm.llm_engine).attach()   # or LLM(..., check_invariants=True)
     """
@@ -517,7 +532,9 @@ class InvariantChecker:
         sched = getattr(self.engine, "scheduler", None)
         self.block_manager = block_manager if block_manager is not None else getattr(sched, "block_manager", None)
         self.strict = strict
-        self.owner: dict[tuple[str, int], tuple[str, int]] = {}  # (device, block) -> (request, seq)
+        # (device, block) -> {request_id: seq_id}: every request holding the block
+        self.owners: dict[tuple[str, int], dict[str, int]] = {}
+        self.cached_free: set[int] = set()  # gpu blocks free but registered (prefix caching)
         self.seq_request: dict[int, str] = {}
         self.finished: set[str] = set()
         self.finished_this_step: list[str] = []
@@ -525,6 +542,11 @@ class InvariantChecker:
         self.num_events = 0
         self._lenient_frees = False  # set when attached to a cache that is not empty
         self.attached = False
+
+    @property
+    def owner(self) -> dict[tuple[str, int], tuple[str, int]]:
+        """(device, block) -> (request_id, seq_id) of its first holder."""
+        return {k: next(iter(v.items())) for k, v in self.owners.items() if v}
 
     # subscription
     def attach(self, bus: Optional[EventBus] = None) -> "InvariantChecker":
@@ -537,7 +559,8 @@ class InvariantChecker:
             try:
                 used = bm.num_gpu_blocks - bm.get_num_free_gpu_blocks()
                 used += bm.num_cpu_blocks - bm.get_num_free_cpu_blocks()
-                self._lenient_frees = used > 0 and not self.owner
+                cached = len(getattr(getattr(bm, "gpu_allocator", None), "cached_blocks", None) or ())
+                self._lenient_frees = (used > 0 or cached > 0) and not self.owners
             except Exception:  # pragma: no cover - a partial block manager
                 pass
         if not self.attached:
@@ -583,40 +606,85 @@ class InvariantChecker:
             self._fail(f"unknown device {e.device!r}", e, e.block, e.device)
         self._check_range(e, e.device, e.block)
         key = (e.device, e.block)
-        if key in self.owner:
-            rid, sid = self.owner[key]
+        if self.owners.get(key):
+            rid, sid = next(iter(self.owners[key].items()))
             self._fail(f"allocated to request {e.request_id!r} (seq {e.seq_id}) but already owned "
                        f"by request {rid!r} (seq {sid}): a block owned twice",
                        e, e.block, e.device, e.request_id)
+        if e.device == "gpu" and e.block in self.cached_free:
+            self._fail(f"allocated fresh to request {e.request_id!r} while cached (reusable) and never "
+                       "evicted", e, e.block, e.device, e.request_id)
         if e.request_id in self.finished:
             self._fail(f"allocated to request {e.request_id!r}, which has already finished",
                        e, e.block, e.device, e.request_id)
-        self.owner[key] = (e.request_id, e.seq_id)
+        self.owners[key] = {e.request_id: e.seq_id}
         self.seq_request[e.seq_id] = e.request_id
+
+    def _on_block_reused(self, e) -> None:
+        self._check_range(e, "gpu", e.block)
+        key = ("gpu", e.block)
+        holders = self.owners.get(key) or {}
+        if e.request_id in holders:
+            self._fail(f"reused by request {e.request_id!r}, which holds it already", e, e.block, "gpu",
+                       e.request_id)
+        if e.from_evictor:
+            if holders:
+                self._fail(f"reused from the evictor by request {e.request_id!r} but held by "
+                           f"{sorted(holders)}", e, e.block, "gpu", e.request_id)
+            if e.block not in self.cached_free and not self._lenient_frees:
+                self._fail(f"reused from the evictor by request {e.request_id!r} but it is not a cached "
+                           "free block", e, e.block, "gpu", e.request_id)
+            self.cached_free.discard(e.block)
+        elif not holders and not self._lenient_frees:
+            self._fail(f"reused (shared) by request {e.request_id!r} but nobody holds it", e, e.block, "gpu",
+                       e.request_id)
+        if e.request_id in self.finished:
+            self._fail(f"reused by request {e.request_id!r}, which has already finished",
+                       e, e.block, "gpu", e.request_id)
+        if len(holders) + 1 != e.num_holders and not self._lenient_frees:
+            self._fail(f"reused by request {e.request_id!r}: the event says {e.num_holders} holders, the "
+                       f"ledger {len(holders) + 1}", e, e.block, "gpu", e.request_id)
+        self.owners.setdefault(key, {})[e.request_id] = e.seq_id
+        self.seq_request[e.seq_id] = e.request_id
+
+    def _on_block_evicted(self, e) -> None:
+        if self.owners.get(("gpu", e.block)):
+            self._fail(f"evicted while held by {sorted(self.owners[('gpu', e.block)])}", e, e.block, "gpu")
+        if e.block not in self.cached_free and not self._lenient_frees:
+            self._fail("evicted but it was not a cached free block", e, e.block, "gpu")
+        self.cached_free.discard(e.block)
 
     def _on_block_freed(self, e) -> None:
         key = (e.device, e.block)
-        if key not in self.owner:
+        holders = self.owners.get(key)
+        if not holders:
             if self._lenient_frees:
                 return
             self._fail(f"freed by request {e.request_id!r} (reason {e.reason!r}) but it was not "
                        f"allocated: freed twice, or freed without an allocation",
                        e, e.block, e.device, e.request_id)
-        rid, _ = self.owner[key]
-        if rid != e.request_id:
-            self._fail(f"freed by request {e.request_id!r} but owned by request {rid!r}",
+        if e.request_id not in holders:
+            self._fail(f"freed by request {e.request_id!r} but owned by request "
+                       f"{', '.join(map(repr, sorted(holders)))}",
                        e, e.block, e.device, e.request_id)
-        del self.owner[key]
+        del holders[e.request_id]
+        if not holders:
+            del self.owners[key]
+            if getattr(e, "cached", False):
+                self.cached_free.add(e.block)
+        elif getattr(e, "cached", False):
+            self._fail(f"freed by request {e.request_id!r} as cached (free) but still held by "
+                       f"{sorted(holders)}", e, e.block, e.device, e.request_id)
 
     def _on_block_copied(self, e) -> None:
         for which, blk in (("source", e.src), ("destination", e.dst)):
-            owner = self.owner.get(("gpu", blk))
-            if owner is None:
+            holders = self.owners.get(("gpu", blk))
+            if not holders:
                 self._fail(f"copy-on-write {which} of request {e.request_id!r} is a free block",
                            e, blk, "gpu", e.request_id)
-            if owner[0] != e.request_id:
+            if e.request_id not in holders:
                 self._fail(f"copy-on-write {which} of request {e.request_id!r} is owned by "
-                           f"request {owner[0]!r}", e, blk, "gpu", e.request_id)
+                           f"request {sorted(holders)[0]!r}", e, blk, "gpu", e.request_id)
         if e.src == e.dst:
             self._fail("copy-on-write onto the same block", e, e.src, "gpu", e.request_id)
 
@@ -631,10 +699,10 @@ class InvariantChecker:
         # block manager may publish the swap before or after the matching allocation, so
         # allow a destination that is still free; a destination owned by another request is
         # always wrong.
-        owner = self.owner.get((dst_device, dst_block))
-        if owner is not None and owner[0] != e.request_id:
+        holders = self.owners.get((dst_device, dst_block))
+        if holders and e.request_id not in holders:
             self._fail(f"{e.kind} of request {e.request_id!r} into a block owned by request "
-                       f"{owner[0]!r}", e, dst_block, dst_device, e.request_id)
+                       f"{sorted(holders)[0]!r}", e, dst_block, dst_device, e.request_id)
 
     def _on_request_finished(self, e) -> None:
         self.finished.add(e.request_id)
@@ -645,12 +713,13 @@ class InvariantChecker:
         # publish request_finished before or after freeing the blocks within the step)
         if self.finished_this_step:
             done = set(self.finished_this_step)
-            for (dev, blk), (rid, sid) in sorted(self.owner.items()):
-                if rid in done:
-                    self._fail(f"request {rid!r} has finished but still owns this block (seq {sid})",
-                               e, blk, dev, rid)
+            for (dev, blk), holders in sorted(self.owners.items()):
+                for rid, sid in holders.items():
+                    if rid in done:
+                        self._fail(f"request {rid!r} has finished but still owns this block (seq {sid})",
+                                   e, blk, dev, rid)
             self.finished_this_step.clear()
-        n_gpu = sum(1 for (dev, _) in self.owner if dev == "gpu")
+        n_gpu = sum(1 for (dev, _), h in self.owners.items() if dev == "gpu" and h)
         if not 0 <= e.kv_blocks_used <= e.kv_blocks_total:
             self._fail(f"kv_blocks_used={e.kv_blocks_used} outside 0..kv_blocks_total="
                        f"{e.kv_blocks_total}", e)
@@ -663,7 +732,7 @@ class InvariantChecker:
 
     # live state
     def _groups(self):
-        """(request_id, seq_ids, is_swapped) of every group the scheduler still holds."""
+        """(request_id, seq_ids, is_swapped, group) of every group the scheduler still holds."""
         sched = getattr(self.engine, "scheduler", None)
         out = []
         if sched is None:
@@ -672,7 +741,7 @@ class InvariantChecker:
             for g in getattr(sched, qname, ()) or ():
                 seqs = getattr(g, "seqs_dict", None)
                 ids = list(seqs) if isinstance(seqs, dict) else [s.seq_id for s in getattr(g, "seqs", ())]
-                out.append((g.request_id, ids, swapped))
+                out.append((g.request_id, ids, swapped, g))
         return out
 
     @staticmethod
@@ -712,18 +781,24 @@ class InvariantChecker:
             elif not 0 <= n_free <= total:
                 self._fail(f"{dev} pool: {n_free} free blocks out of {total}", step)
             free_list = self._free_list(alloc) if alloc is not None else None
+            evictor = [int(b) for b in (getattr(alloc, "evictor", None) or ())]
             if free_list is not None:
+                if set(evictor) & set(free_list):
+                    self._fail(f"{dev} blocks {sorted(set(evictor) & set(free_list))} both in the free list "
+                               "and in the evictor", step)
+                free_list = free_list + evictor
                 if len(free_list) != n_free or len(set(free_list)) != len(free_list):
                     self._fail(f"{dev} free list holds {len(free_list)} entries "
                                f"({len(set(free_list))} distinct) but {n_free} blocks are free", step)
                 for blk in free_list:
                     if refs and refs[blk] != 0:
                         self._fail(f"in the {dev} free list with ref count {refs[blk]}", step, blk, dev)
+            self._check_hashes(alloc, dev, evictor, step)
             pools[dev] = (refs, set(free_list) if free_list is not None else None)
-            # the ledger agrees with the manager about which blocks are in use
+            # the ledger agrees with the manager about which blocks are in use (and cached)
             if refs and not self._lenient_frees:
                 in_use = {b for b, rc in enumerate(refs) if rc > 0}
-                ledger = {b for (d, b) in self.owner if d == dev}
+                ledger = {b for (d, b), h in self.owners.items() if d == dev and h}
                 held = getattr(self.bus, "held_blocks", None)  # async scheduling: the next step's
                 if held is not None:
                     ledger |= held(dev)
@@ -732,6 +807,10 @@ class InvariantChecker:
                             if blk in in_use else
                             "owned according to the events but free in the block manager")
                     self._fail(what, step, blk, dev)
+                if dev == "gpu" and evictor and set(evictor) != self.cached_free:
+                    diff = sorted(set(evictor) ^ self.cached_free)
+                    self._fail(f"the events' cached free blocks and the evictor differ on {diff}", step,
+                               diff[0], dev)
 
         tables = getattr(bm, "block_tables", None)
         if tables is None:
@@ -739,26 +818,35 @@ class InvariantChecker:
         seq_req = dict(self.seq_request)
         seq_req.update(getattr(bm, "seq_request", None) or {})
         swapped_seqs: set[int] = set(getattr(bm, "swapped_seqs", None) or ())
-        for rid, ids, is_swapped in self._groups():
+        seqs_by_id = {}
+        for rid, ids, is_swapped, group in self._groups():
             for sid in ids:
                 seq_req[sid] = rid
                 if is_swapped:
                     swapped_seqs.add(sid)
+            if group is not None:
+                seqs_by_id.update(getattr(group, "seqs_dict", {}) or {})
         holder: dict[tuple[str, int], tuple[str, int]] = {}
+        count: dict[tuple[str, int], int] = {}
+        gpu_alloc = getattr(bm, "gpu_allocator", None)
+        hashed = getattr(gpu_alloc, "block_hash", None) or {}
+        bs = getattr(bm, "block_size", None)
         for sid, table in tables.items():
             blocks = [int(getattr(b, "block_number", b)) for b in table]
             rid = seq_req.get(sid)
             if rid is None and blocks:  # a forked child: the ledger knows its first block
-                rid = (self.owner.get(("gpu", blocks[0])) or self.owner.get(("cpu", blocks[0])) or (None,))[0]
+                rid = self.owner.get(("gpu", blocks[0])) or self.owner.get(("cpu", blocks[0])) or (None,)
+                rid = rid[0]
             if rid in self.finished:
                 self._fail(f"request {rid!r} has finished but seq {sid} still has a block table",
                            step, blocks[0] if blocks else None, request_id=rid)
             dev = "cpu" if sid in swapped_seqs else "gpu"
-            if sid not in swapped_seqs and blocks and ("gpu", blocks[0]) not in self.owner \
-                    and ("cpu", blocks[0]) in self.owner:
+            if sid not in swapped_seqs and blocks and ("gpu", blocks[0]) not in self.owners \
+                    and ("cpu", blocks[0]) in self.owners:
                 dev = "cpu"  # no scheduler queues to ask: the ledger says it is swapped
             refs, free = pools.get(dev, ([], None))
             for blk in blocks:
+                count[(dev, blk)] = count.get((dev, blk), 0) + 1
                 if refs and (blk >= len(refs) or refs[blk] < 1):
                     rc = refs[blk] if blk < len(refs) else "n/a"
                     self._fail(f"in seq {sid}'s block table (request {rid!r}) with ref count {rc}",
@@ -767,18 +855,70 @@ class InvariantChecker:
                     self._fail(f"in seq {sid}'s block table (request {rid!r}) and in the free list",
                                step, blk, dev, rid)
                 other = holder.get((dev, blk))
-                if other is not None and rid is not None and other[0] is not None and other[0] != rid:
+                if other is not None and rid is not None and other[0] is not None and other[0] != rid \
+                        and not (dev == "gpu" and blk in hashed):
                     self._fail(f"in the block tables of two requests: {other[0]!r} (seq {other[1]}) "
-                               f"and {rid!r} (seq {sid})", step, blk, dev, rid)
+                               f"and {rid!r} (seq {sid}), and not a cached prefix block", step, blk, dev, rid)
                 holder.setdefault((dev, blk), (rid, sid))
-                owner = self.owner.get((dev, blk))
-                if owner is not None and rid is not None and owner[0] != rid and not self._lenient_frees:
+                owners = self.owners.get((dev, blk))
+                if owners and rid is not None and rid not in owners and not self._lenient_frees:
                     self._fail(f"in seq {sid}'s block table (request {rid!r}) but allocated to "
-                               f"request {owner[0]!r}", step, blk, dev, rid)
-        # every block in use is in some table (a block held by nobody has leaked)
+                               f"request {sorted(owners)[0]!r}", step, blk, dev, rid)
+            # a registered block holds what its hash says: this sequence's tokens up to there
+            seq = seqs_by_id.get(sid)
+            if dev == "gpu" and hashed and seq is not None and bs:
+                from labengine.block_manager import hash_block_tokens
+
+                tokens, prev = seq.get_token_ids(), None
+                for i in range(min(len(blocks), seq.num_computed_tokens // bs)):
+                    prev = hash_block_tokens(prev, tokens[i * bs:(i + 1) * bs])
+                    blk = blocks[i]
+                    if blk in hashed and hashed[blk] != prev:
+                        self._fail(f"logical block {i} of seq {sid} (request {rid!r}) is registered under "
+                                   "a hash of other tokens", step, blk, dev, rid)
+        # ref counts are exact, and every block in use is in some table (else it leaked)
         for dev, (refs, _free) in pools.items():
             for blk, rc in enumerate(refs):
-                if rc > 0 and (dev, blk) not in holder:
+                n = count.get((dev, blk), 0)
+                if rc > 0 and n == 0:
                     owner = self.owner.get((dev, blk), (None, None))
                     self._fail(f"ref count {rc} but in no sequence's block table (leaked; the "
                                f"events say request {owner[0]!r} owns it)", step, blk, dev, owner[0])
+                if rc != n:
+                    self._fail(f"ref count {rc} but named {n} times in the block tables", step, blk, dev)
+        holders = getattr(bm, "holders", None)
+        if holders and getattr(bm, "enable_caching", False):
+            # the manager's per-request reference counts (what block_freed is published from)
+            per_req: dict[int, dict[str, int]] = {}
+            for sid, table in tables.items():
+                if sid in swapped_seqs:
+                    continue
+                rid = seq_req.get(sid)
+                for blk in table:
+                    d = per_req.setdefault(int(blk), {})
+                    d[rid] = d.get(rid, 0) + 1
+            if per_req != {b: dict(h) for b, h in holders.items()}:
+                diff = sorted(b for b in set(per_req) | set(holders) if per_req.get(b) != holders.get(b))
+                self._fail(f"per-request holders of gpu blocks {diff[:5]} disagree with the block tables",
+                           step, diff[0] if diff else None, "gpu")
+
+    def _check_hashes(self, alloc, dev, evictor, step) -> None:
+        """Prefix caching: hash -> block and block -> hash agree, the evictor holds only
+        registered free blocks, and no registered block sits in the plain free list."""
+        cached = getattr(alloc, "cached_blocks", None)
+        block_hash = getattr(alloc, "block_hash", None)
+        if cached is None or block_hash is None:
+            return
+        if len(cached) != len(block_hash):
+            self._fail(f"{dev}: {len(cached)} hashes registered but {len(block_hash)} blocks hashed", step)
+        for h, blk in cached.items():
+            if block_hash.get(blk) != h:
+                self._fail("registered under a hash that the block does not carry", step, blk, dev)
+        for blk in evictor:
+            if blk not in block_hash:
+                self._fail("in the evictor but not registered (nothing to reuse)", step, blk, dev)
+        plain = set(getattr(alloc, "free_blocks", ()) or ())
+        for blk in block_hash:
+            if blk in plain:
+                self._fail("registered but in the plain free list (its contents may be overwritten)",
+                           step, blk, dev)

@@ -100,6 +100,10 @@ class BlockMapData:
     copied: list = field(default_factory=list)
     cpu_grid: Optional[np.ndarray] = None
     logical: Optional[np.ndarray] = None  # logical index of the block in its owner's table, -1 when free
+    # prefix caching: held by several requests at once (a cached prefix reused), and free but
+    # still cached (in the evictor, reusable until evicted); None without prefix caching
+    multi_request: Optional[np.ndarray] = None
+    cached: Optional[np.ndarray] = None
 
     @property
     def num_blocks(self) -> int:
@@ -147,10 +151,41 @@ def _fill(iv: pd.DataFrame, n_blocks: int, steps_: np.ndarray, req_index: dict):
     for r in iv.itertuples(index=False):
         a = int(r.start_step) - s0
         b = (s_end if r.end_step is None or pd.isna(r.end_step) else int(r.end_step)) - s0
-        if b > a:
-            grid[r.block, a:b] = req_index[r.request_id]
-            logical[r.block, a:b] = -1 if pd.isna(r.logical_index) else int(r.logical_index)
+        if b > a:  # a block held by several requests (prefix caching) keeps its first holder's colour
+            free = grid[r.block, a:b] < 0
+            grid[r.block, a:b][free] = req_index[r.request_id]
+            logical[r.block, a:b][free] = -1 if pd.isna(r.logical_index) else int(r.logical_index)
     return grid, logical
+
+
+def _prefix_cache_masks(df: pd.DataFrame, iv: pd.DataFrame, shape, steps_: np.ndarray):
+    """(held by several requests, free but cached) per (block, step), or (None, None) when the
+    trace has no prefix caching."""
+    if not (df["event"] == "block_reused").any() and not (
+            "cached" in df.columns and (df["cached"] == True).any()):  # noqa: E712 (object column)
+        return None, None
+    s0, s_end = int(steps_[0]), int(steps_[-1]) + 1
+    count = np.zeros(shape, dtype=np.int32)
+    for r in iv.itertuples(index=False):
+        a = int(r.start_step) - s0
+        b = (s_end if r.end_step is None or pd.isna(r.end_step) else int(r.end_step)) - s0
+        if b > a:
+            count[r.block, a:b] += 1
+    cached = np.zeros(shape, dtype=bool)
+    since: dict[int, int] = {}
+    ev = df[df["event"].isin(["block_freed", "block_reused", "block_evicted", "block_allocated"])]
+    for r in ev.itertuples(index=False):
+        blk = int(r.block)
+        if r.event == "block_freed":
+            if r.device == "gpu" and getattr(r, "cached", False) is True:
+                since[blk] = int(r.step)
+        elif r.event != "block_allocated" or r.device == "gpu":
+            a = since.pop(blk, None)
+            if a is not None:
+                cached[blk, a - s0:int(r.step) - s0] = True
+    for blk, a in since.items():
+        cached[blk, a - s0:] = True
+    return count > 1, cached
 
 
 def _shared_mask(grid: np.ndarray, logical: np.ndarray) -> np.ndarray:
@@ -203,9 +238,11 @@ def block_map_data(df: pd.DataFrame, device: str = "gpu") -> BlockMapData:
     iv_cpu = iv_all[iv_all["device"] == "cpu"]
     if device == "gpu" and len(iv_cpu):
         cpu_grid, _ = _fill(iv_cpu, _num_blocks(df, "cpu", iv_cpu), steps_, req_index)
+    multi_request, cached = (_prefix_cache_masks(df, iv, grid.shape, steps_) if device == "gpu" and len(steps_)
+                             else (None, None))
     return BlockMapData(grid=grid, requests=rids, steps=steps_, shared=shared, swapped_out=outs,
                         swapped_in=ins, copied=copied if device == "gpu" else [], cpu_grid=cpu_grid,
-                        logical=logical)
+                        logical=logical, multi_request=multi_request, cached=cached)
 
 
 def _rgba(grid: np.ndarray, colors: np.ndarray) -> np.ndarray:
@@ -218,8 +255,9 @@ def _rgba(grid: np.ndarray, colors: np.ndarray) -> np.ndarray:
 def plot_block_map(df: pd.DataFrame, ax=None, step: Optional[int] = None, show_cpu: bool = True,
                    max_legend: int = 20, title: Optional[str] = None):
     """Physical KV block (rows) x engine step (columns), coloured by the owning request
-    (arrival order), blank when free. Dots mark blocks shared by several sequences of a
-    request; v / ^ mark swap-out / swap-in, x a copy-on-write. `step` draws a cursor.
+    (arrival order), blank when free, grey when free but still cached (prefix caching). Dots
+    mark blocks shared by several sequences of a request, white + blocks held by several
+    requests (a reused cached prefix); v / ^ mark swap-out / swap-in, x a copy-on-write. `step` draws a cursor.
     The CPU swap pool, when used, gets its own panel below."""
     plt = _plt()
     data = block_map_data(df)
@@ -238,7 +276,10 @@ def plot_block_map(df: pd.DataFrame, ax=None, step: Optional[int] = None, show_c
     x1 = data.steps[-1] + 1 if len(data.steps) else 1
     extent = (x0 - 0.5, x1 - 0.5, max(data.num_blocks, 1) - 0.5, -0.5)
     if data.grid.size:
-        ax.imshow(_rgba(data.grid, colors), aspect="auto", interpolation="nearest", extent=extent)
+        img = _rgba(data.grid, colors)
+        if data.cached is not None:
+            img[data.cached & (data.grid < 0)] = (0.78, 0.78, 0.78, 1.0)  # free, still cached
+        ax.imshow(img, aspect="auto", interpolation="nearest", extent=extent)
     else:
         ax.text(0.5, 0.5, "no blocks in this trace", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("physical KV block (device cache)")
@@ -250,6 +291,10 @@ def plot_block_map(df: pd.DataFrame, ax=None, step: Optional[int] = None, show_c
     if data.shared.any():
         b, j = np.nonzero(data.shared)
         ax.scatter(data.steps[j], b, s=6, c="black", marker=".", linewidths=0, label="shared (forked)")
+    if data.multi_request is not None and data.multi_request.any():
+        b, j = np.nonzero(data.multi_request)
+        ax.scatter(data.steps[j], b, s=14, c="white", marker="+", linewidths=0.9,
+                   label="shared by several requests (cached prefix)")
     if data.swapped_out:
         b, s = zip(*data.swapped_out)
         ax.scatter(s, b, s=28, marker="v", facecolors="none", edgecolors="#d62728", label="swapped out")
@@ -271,6 +316,8 @@ def plot_block_map(df: pd.DataFrame, ax=None, step: Optional[int] = None, show_c
         req_handles.append(Patch(facecolor="white", edgecolor="grey",
                                  label=f"... {n} requests (colours repeat every 20)"))
     req_handles.append(Patch(facecolor="white", edgecolor="grey", label="free"))
+    if data.cached is not None:
+        req_handles.append(Patch(facecolor=(0.78, 0.78, 0.78), edgecolor="grey", label="free, cached (reusable)"))
     ax.legend(handles=req_handles + handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
               title="owner", title_fontsize=8, frameon=False, ncol=1 if len(req_handles) <= 14 else 2)
     if with_cpu:

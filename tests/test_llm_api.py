@@ -46,7 +46,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     (dict(num_gpu_blocks_override=0), ValueError, "num_gpu_blocks_override must be at least 1, got 0."),
     (dict(max_num_seqs="8"), TypeError, "max_num_seqs must be an int, got '8'"),
     (dict(enforce_eager="yes"), TypeError, "enforce_eager must be True or False"),
-    (dict(enable_chunked_prefill=True), ValueError, "enable_chunked_prefill=True is not supported"),
     (dict(attention_backend="flash"), ValueError, "attention_backend must be 'auto', 'torch' or 'triton'"),
 ])
 def test_engine_args_rejected(model_path, kwargs, exc, match):

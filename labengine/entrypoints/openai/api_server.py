@@ -142,7 +142,9 @@ class _EngineCollector:
                 ("labengine:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
                 ("labengine:num_requests_swapped", "num_swapped", "Requests swapped out to the CPU."),
                 ("labengine:kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (0-1)."),
-                ("labengine:num_gpu_blocks", "num_gpu_blocks", "KV-cache blocks in total.")):
+                ("labengine:num_gpu_blocks", "num_gpu_blocks", "KV-cache blocks in total."),
+                ("labengine:gpu_prefix_cache_hit_rate", "gpu_prefix_cache_hit_rate",
+                 "Prefix caching: full prompt blocks found in the cache / looked up (0-1; -1 when off).")):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], float(stats.get(key, 0) or 0))
             yield g
