@@ -51,8 +51,8 @@ run_step() {
   note "$name | $what | $(( $(date +%s) - t ))s"
 }
 if [ "$DRY" = 0 ]; then
-  S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-45} S_TTFT=${S_TTFT:-50}
-  S_PREFILL=${S_PREFILL:-45} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60}
+  S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
+  S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
   TP_ARGS=""; PREFILL_ARGS="--quick"
   SERVE_ARGS="--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"
@@ -87,7 +87,12 @@ note "  $(grep -E '^  labengine.*of the roofline' "$OUT/throughput.log" | tr '\n
 # g) issue 21.6: the tree before tensor parallelism (7e24f9f), tuned settings, its own process
 if [ -f .gl/old/benchmarks/throughput.py ]; then
   echo "=== g: tree of 7e24f9f (before tensor parallelism) ===" >>"$OUT/throughput.log"
-  run_step "g throughput before TP (7e24f9f)" "$S_OLD" throughput.log env PYTHONPATH="${PYTHONPATH%%:*}" \
+  # only the wheels on the path: this tree's labengine/ and kernels/ must not shadow the old ones
+  OLD_PP=""; [ "$DRY" = 0 ] && OLD_PP=/tmp/site
+  (cd .gl/old && env PYTHONPATH="$OLD_PP" $PY -c "import labengine.llm_engine as m, os; print('old tree:', m.__file__, \
+    '| labengine/distributed present:', os.path.isdir(os.path.join(os.path.dirname(m.__file__), 'distributed')))") \
+    >>"$OUT/throughput.log" 2>&1
+  run_step "g throughput before TP (7e24f9f)" "$S_OLD" throughput.log env PYTHONPATH="$OLD_PP" \
     $PY .gl/old/benchmarks/throughput.py --baselines none $TP_ARGS
   note "  before TP: $(tail -n 40 "$OUT/throughput.log" | grep -E 'labengine at .*% of it' | tail -1)"
 else
@@ -119,8 +124,9 @@ while IFS= read -r l; do note "  $l"; done <"$OUT/.t"; rm -f "$OUT/.t"
   echo; echo "===== SUMMARY (total $(elapsed)s) ====="
   for l in "${SUMMARY[@]}"; do echo "$l"; done
   echo "--- throughput (last table) ---"
-  grep -E '^(engine \||labengine|roofline)' "$OUT/throughput.log" | tail -12
+  grep -E '^(engine \||labengine|roofline|=== g: |old tree)' "$OUT/throughput.log" | tail -16
   echo "--- prefill (last lines) ---"
   tail -n 8 "$OUT/prefill.log" 2>/dev/null
   [ -f "$OUT/prefix.log" ] && { echo "--- prefix (last lines) ---"; tail -n 12 "$OUT/prefix.log"; }
 } | tee "$OUT/summary.txt"
+
