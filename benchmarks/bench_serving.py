@@ -4,6 +4,7 @@ then the same workload through the offline LLM for comparison.
     python benchmarks/bench_serving.py                       # embedded model (or a random one)
     python benchmarks/bench_serving.py --request-rate 20 --num-prompts 200 --max-tokens 32
     python benchmarks/bench_serving.py --base-url http://127.0.0.1:8000   # an already running server
+    python benchmarks/bench_serving.py --request-rates 16,64,256,inf --chart serving.png   # a sweep
 
 Without --base-url it starts `python -m labengine.serve` on a free loopback port, waits
 for /health, runs the workload, stops the server, and only then runs the offline LLM (so the
@@ -14,7 +15,12 @@ Reported (streaming over SSE, measured by the client):
   TTFT  time from sending the request to the first streamed token
   ITL   inter-token latency: gaps between consecutive streamed chunks (one per engine step)
   E2E   request latency; throughput in requests/s and output tokens/s over the whole run
+  TPOT  time per output token after the first: (E2E - TTFT) / (output tokens - 1), per request
 Offline: wall time of one `LLM.generate` over all prompts, tokens/s.
+
+--request-rates R1,R2,...: one server, the same prompts sent at each rate in turn (rising rates
+until saturation: throughput stops following the offered rate while TTFT grows); prints one
+table row per rate (throughput, TTFT and TPOT p50/p99) and, with --chart, saves a PNG of it.
 """
 from __future__ import annotations
 
@@ -150,6 +156,62 @@ async def run_online(base_url: str, model: str, prompts: List[str], rate: float,
     return results, wall
 
 
+def pct(xs: List[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
+
+
+def tpots(results: List[Result]) -> List[float]:
+    return [(r.latency - r.ttft) / (r.output_tokens - 1) for r in results
+            if r.ok and r.ttft is not None and r.output_tokens > 1]
+
+
+def sweep_row(results: List[Result], wall: float, rate: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    tp = tpots(ok)
+    return dict(rate=rate, completed=len(ok), failed=len(results) - len(ok), req_s=len(ok) / wall,
+                tok_s=sum(r.output_tokens for r in ok) / wall, ttft_p50=pct(ttft, 50), ttft_p99=pct(ttft, 99),
+                tpot_p50=pct(tp, 50), tpot_p99=pct(tp, 99))
+
+
+SWEEP_HEADER = ("| rate (req/s) | completed | failed | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) "
+                "| TPOT p50 (ms) | TPOT p99 (ms) |")
+
+
+def print_sweep(rows: List[dict]) -> None:
+    print("\n" + SWEEP_HEADER + "\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rate']:g} | {r['completed']} | {r['failed']} | {r['req_s']:.1f} | {r['tok_s']:.0f} | "
+              f"{1e3 * r['ttft_p50']:.1f} | {1e3 * r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.2f} | "
+              f"{1e3 * r['tpot_p99']:.2f} |")
+
+
+def save_chart(rows: List[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["rate"] for r in rows if r["rate"] != float("inf")]
+    inf_x = 2 * max(finite) if finite else 1.0  # "all at once" drawn right of the largest rate
+    xs = [r["rate"] if r["rate"] != float("inf") else inf_x for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(xs, [r["tok_s"] for r in rows], "o-")
+    a.set(xscale="log", xlabel="offered rate (req/s; rightmost = all at once)", ylabel="output tok/s",
+          title="throughput")
+    for key, style in (("ttft_p50", "o-"), ("ttft_p99", "o--"), ("tpot_p50", "s-"), ("tpot_p99", "s--")):
+        b.plot(xs, [1e3 * r[key] for r in rows], style, label=key.replace("_", " "))
+    b.set(xscale="log", yscale="log", xlabel="offered rate (req/s)", ylabel="ms", title="latency")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart saved to {path}")
+
+
 def report_online(results: List[Result], wall: float, rate: float) -> float:
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
@@ -160,6 +222,7 @@ def report_online(results: List[Result], wall: float, rate: float) -> float:
     print(f"  throughput       {len(ok) / wall:8.2f} req/s   {tokens / wall:9.1f} output tok/s")
     print(f"  TTFT             {percentiles([r.ttft for r in ok if r.ttft is not None])}")
     print(f"  ITL              {percentiles([x for r in ok for x in r.itl])}")
+    print(f"  TPOT             {percentiles(tpots(ok))}")
     print(f"  E2E latency      {percentiles([r.latency for r in ok])}")
     return tokens / wall if wall else 0.0
 
@@ -225,9 +288,13 @@ def main(argv=None) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads for the server and the offline run (OMP_NUM_THREADS); "
                         "1 is steadier on a small, busy machine")
+    p.add_argument("--request-rates", default=None,
+                   help="comma list of rates (req/s, 'inf' = all at once) sent in turn to one server: a sweep")
+    p.add_argument("--chart", default=None, help="with --request-rates: save the sweep's chart (PNG) here")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server to start")
     args = p.parse_args(argv)
+    rates = ([float(x) for x in args.request_rates.split(",")] if args.request_rates else [args.request_rate])
 
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the server process
@@ -243,7 +310,7 @@ def main(argv=None) -> None:
     print(f"torch intra-op threads: {args.torch_threads or torch.get_num_threads()} "
           f"(on a small shared CPU, --torch-threads 1 is much steadier)")
     print(f"{args.num_prompts} prompts of {args.min_words}-{args.max_words} words, {args.max_tokens} output tokens "
-          f"each, Poisson arrivals at {args.request_rate}/s")
+          f"each, Poisson arrivals at {', '.join(f'{r:g}' for r in rates)}/s")
 
     proc = None
     log_path = None
@@ -262,10 +329,26 @@ def main(argv=None) -> None:
         print(f"starting server: model {model} on {base_url} (log {log_path})")
         proc = start_server(model, port, engine_kwargs, log_path)
     try:
+        t_start = time.perf_counter()
         wait_healthy(base_url, proc, args.server_timeout, log_path)
-        results, wall = asyncio.run(run_online(base_url, model, prompts, args.request_rate, args.max_tokens,
-                                               args.seed, args.api_key))
-        online_tps = report_online(results, wall, args.request_rate)
+        print(f"server healthy after {time.perf_counter() - t_start:.1f} s", flush=True)
+        rows = []
+        for rate in rates:
+            results, wall = asyncio.run(run_online(base_url, model, prompts, rate, args.max_tokens,
+                                                   args.seed, args.api_key))
+            online_tps = report_online(results, wall, rate)
+            rows.append(sweep_row(results, wall, rate))
+            print(f"sweep so far: {rows[-1]}", flush=True)  # a timeout keeps what was measured
+        print_sweep(rows)
+        if args.chart:
+            try:
+                import torch
+
+                where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+            except Exception:
+                where = "?"
+            save_chart(rows, args.chart, f"labengine.serve, {Path(str(model)).name}, {args.num_prompts} requests x "
+                                         f"{args.max_tokens} tokens per rate, {where}")
     finally:
         if proc is not None:
             proc.terminate()

@@ -101,11 +101,31 @@ def make_model(path, cfg):
 
 
 def make_llm(path, max_model_len, async_scheduling=None):
+    """The hand-tuned configuration (the figures in RESULTS.md since the second session)."""
     from labengine import LLM
 
     return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len,
                max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.85, device=DEV,
                async_scheduling=async_scheduling)
+
+
+def make_default_llm(path, max_model_len):
+    """What a user writes (issue 20): only the model, the dtype and a max_model_len; every other
+    setting is the engine's own default for this device and model."""
+    from labengine import LLM
+
+    return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len)
+
+
+def describe(llm):
+    """The settings the engine runs with (chosen or given)."""
+    engine = llm.llm_engine
+    cfg, runner = engine.config, engine.model_runner
+    sc, cc = cfg.scheduler_config, cfg.cache_config
+    return (f"max_num_seqs {sc.max_num_seqs}, max_num_batched_tokens {sc.max_num_batched_tokens}, "
+            f"max_model_len {sc.max_model_len}, gpu_memory_utilization {cc.gpu_memory_utilization}, "
+            f"{cc.num_gpu_blocks} KV blocks, CUDA graph sizes "
+            f"{sorted(runner.graphs) if runner.graphs else 'none'}")
 
 
 def params_for(outputs):
@@ -301,6 +321,11 @@ def main():
                     help="comma list of labengine runs with one optimisation switched off, timed after the main run: "
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler)")
+    ap.add_argument("--configs", default="tuned",
+                    help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
+                         "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
+                         "and nothing else); the first one is the main run (--analyze, --ablate use tuned)")
+    ap.add_argument("--default-max-model-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # internal: the baselines' process
     ap.add_argument("--results-json", default=None, help=argparse.SUPPRESS)
@@ -346,11 +371,33 @@ def main():
               + (f"{(counted['labengine'] / ref) / (counted[name] / sec):.2f}x" if ref and counted[name] else "-"))
     print(f"roofline (decode KV + weight reads at copy bandwidth): {roof:.2f} s ({total_out / roof:.0f} tok/s)"
           + (f"; labengine at {100 * roof / ref:.1f}% of it" if ref else ""))
+    for name, sec in results.items():
+        if name.startswith("labengine") and counted[name] == total_out:
+            print(f"  {name}: {sec:.2f} s = {100 * roof / sec:.1f}% of the roofline")
 
 
 def run_engine_part(args, path, prompts, outputs, results, counted):
     total_out = sum(outputs)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in ("tuned", "defaults"):
+            raise SystemExit(f"--configs {c!r}: allowed: tuned, defaults")
+    for c in configs:
+        if c == "tuned":
+            continue
+        free_memory()
+        llm = make_default_llm(path, args.default_max_model_len if not args.smoke else 128)
+        key = "labengine, defaults"
+        print(f"{key}: {describe(llm)}", flush=True)
+        results[key] = run_labengine(llm, prompts, outputs)
+        counted[key] = total_out
+        print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
+        del llm
+    if "tuned" not in configs:
+        return
+    free_memory()
     llm = make_llm(path, 2048 if not args.smoke else 128)
+    print(f"labengine (tuned): {describe(llm)}", flush=True)
     results["labengine"] = run_labengine(llm, prompts, outputs)
     counted["labengine"] = total_out
     print(f"labengine: {results['labengine']:.2f} s, {total_out / results['labengine']:.0f} tok/s", flush=True)
