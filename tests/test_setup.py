@@ -260,6 +260,20 @@ def test_the_grading_kernel_never_has_the_repo_root_on_pythonpath():
     assert "PYTHONPATH" not in grade.kernel_env({})
 
 
+def test_ci_runs_the_lab_install_job():
+    """.ci/run runs tools/ci_lab_install.sh, which installs through tools/lab.sh itself (so
+    the two cannot drift), checks triton is absent, and grades, serves and runs a notebook."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^bash tools/ci_lab_install\.sh", ci, re.M), ci
+    job = (ROOT / "tools" / "ci_lab_install.sh").read_text()
+    assert re.search(r'bash tools/lab\.sh --setup-only', job)
+    assert "pip install" not in job, "the job must install exactly what lab.sh installs, nothing more"
+    assert 'find_spec("triton")' in job
+    assert "tools/grade.py" in job and "solutions/*.ipynb" in job
+    assert "-m labengine.serve --model tinylab" in job and "/v1/completions" in job
+    assert "nbconvert --to notebook --execute" in job
+
+
 # ---------------------------------------------------------------- item 2: a new terminal
 
 
@@ -292,6 +306,32 @@ def test_make_uses_the_active_environment_first(tmp_path):
 def test_make_without_a_venv_says_how_to_make_one(tmp_path):
     out = _make_dry_run(tmp_path, "grade", "EX=x", venv=False)
     assert re.search(r'^python3 tools/grade\.py "x"$', out, re.M), out
+
+
+def test_grade_py_in_a_new_terminal_runs_itself_with_the_repo_venv(tmp_path):
+    """`python tools/grade.py` with a python that lacks nbformat (here: `python -S`, no
+    site-packages) runs itself again with the repo's .venv/bin/python."""
+    (tmp_path / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "grade.py", tmp_path / "tools" / "grade.py")
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    venv_python.chmod(0o755)
+    env = {k: v for k, v in _env().items() if k not in ("VIRTUAL_ENV", "LABENGINE_GRADE_REEXEC")}
+    proc = subprocess.run([sys.executable, "-S", str(tmp_path / "tools" / "grade.py"), "--help"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nbformat is not installed" in proc.stderr or "nbclient is not installed" in proc.stderr, proc.stderr
+    assert f"running with {venv_python}" in proc.stderr
+    assert "Grade an exercise notebook" in proc.stdout
+
+
+def test_grade_py_without_any_venv_says_how_to_set_up(tmp_path):
+    (tmp_path / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "grade.py", tmp_path / "tools" / "grade.py")
+    proc = subprocess.run([sys.executable, "-S", str(tmp_path / "tools" / "grade.py"), "x.ipynb"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bash tools/lab.sh" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------- item 9: no noise
