@@ -413,18 +413,18 @@ def grading_helpers(nb) -> list:
     return list(dict.fromkeys(names))
 
 
-def _kernel_env() -> None:
-    """The kernel inherits our environment. Never with the repo root on PYTHONPATH: the root
-    holds our `kernels/` folder, which transformers would import as Hugging Face's `kernels`
-    package (and fail without triton). labengine comes from the installed package."""
-    root = str(ROOT)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-             if p and os.path.realpath(p) != os.path.realpath(root)]
-    if parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join(parts)
-    else:
-        os.environ.pop("PYTHONPATH", None)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+def kernel_env(environ=None) -> dict:
+    """The grading kernel's environment: ours (os.environ, or `environ`), with the repo root
+    taken out of PYTHONPATH. The root holds our `kernels/` folder, which transformers would
+    import as Hugging Face's `kernels` package (and fail without triton); labengine comes from
+    the installed package. Nothing is added to the path."""
+    env = dict(os.environ if environ is None else environ)
+    root = os.path.realpath(ROOT)
+    kept = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and os.path.realpath(p) != root]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    env.setdefault("MPLBACKEND", "Agg")
+    return env
 
 
 def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> dict:
@@ -433,7 +433,6 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> dict:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    _kernel_env()
     helpers = grading_helpers(nb)
     runs: dict = {}
 
@@ -464,7 +463,7 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> dict:
 
     client = GradingClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
                            on_cell_executed=on_cell_executed, resources={"metadata": {"path": str(cwd)}})
-    client.execute()
+    client.execute(env=kernel_env())  # handed to the kernel manager's start_kernel
     return runs
 
 

@@ -172,14 +172,17 @@ assert counts["block_allocated"] == counts["block_freed"], "every block comes ba
 # | `swap_space`, `preemption_mode` | the CPU swap pool (GiB) and what happens when the cache runs out (notebook 8) |
 # | `max_num_seqs`, `max_num_batched_tokens` | how many sequences / tokens one step may hold (notebook 4) |
 # | `enforce_eager` | `True` turns CUDA graphs off (GPU only) |
-# | `tensor_parallel_size`, `quantization` | only 1 and `None`: anything else raises a `ValueError` that says why |
+# | `tensor_parallel_size` | how many processes (ranks) share the model: each holds a slice of every layer (below). The heads must split evenly |
+# | `quantization` | only `None`: anything else raises a `ValueError` that says why |
 
 # %%
 from labengine import EngineArgs
 
 print(len(EngineArgs.field_names()), "engine arguments:", ", ".join(EngineArgs.field_names()))
 
-for bad in (dict(tensor_parallel_size=2), dict(gpu_memory_utilization=1.5), dict(block_size=12)):
+n_heads = model_config.hf_config.num_attention_heads
+bad_tp = next(k for k in range(3, n_heads + 2) if n_heads % k)   # a rank count that cannot split the heads
+for bad in (dict(tensor_parallel_size=bad_tp), dict(gpu_memory_utilization=1.5), dict(block_size=12)):
     try:
         LLM(model=MODEL, **bad)
     except ValueError as e:
@@ -188,7 +191,8 @@ for bad in (dict(tensor_parallel_size=2), dict(gpu_memory_utilization=1.5), dict
         raise AssertionError(f"{bad} should have been rejected")
 
 # %% [markdown]
-# The checks above ran before any weights were read: a bad argument costs nothing.
+# The checks above ran before any weights were read: a bad argument costs nothing. (That many
+# ranks cannot share the model's attention heads evenly; two can, as the next section shows.)
 # Now a second engine on the same model, with a deliberately tiny cache and small blocks:
 
 # %%
@@ -206,6 +210,63 @@ check_same_greedy("the cache layout does not change what a greedy request genera
 del small
 
 # %% [markdown]
+# ## Tensor parallelism: one model, two processes
+#
+# `tensor_parallel_size=2` splits every layer over two **ranks**, one process each: each rank
+# holds half of the query and KV heads and half of the MLP, computes its half of every layer,
+# and the ranks add up their partial results with an **all-reduce** after each attention and
+# MLP block. Between GPUs that goes over NVLink (NCCL); on a CPU the ranks are two processes
+# that talk through `gloo`, which is how it runs here unless you have two GPUs. The answer
+# must not change: greedy outputs are the same as with one process.
+
+# %%
+import torch
+
+tp_device = "auto" if torch.cuda.device_count() >= 2 else "cpu"   # two GPUs, else two CPU processes
+t0 = time.perf_counter()
+tp = LLM(model=MODEL, seed=0, tensor_parallel_size=2, device=tp_device)
+print(f"LLM(tensor_parallel_size=2) on {tp.llm_engine.config.device}: ready after {time.perf_counter() - t0:.1f} s")
+
+tp_prompts = ["The capital of France is", "Once upon a time", "The little dog"]
+with tp.trace() as tp_trace:
+    tp_out = tp.generate(tp_prompts, params, use_tqdm=False)
+for o in tp_out:
+    print(repr(o.prompt), "->", repr(o.outputs[0].text))
+print("\none rank's KV cache:", tuple(tp.llm_engine.model_runner.kv_cache.shape),
+      "\nthe single process's:", tuple(runner.kv_cache.shape), "(K/V, layers, blocks, block_size, kv_heads, head_size)")
+assert tp.llm_engine.model_runner.kv_cache.shape[4] * 2 == runner.kv_cache.shape[4], "each rank keeps half the KV heads"
+if tp.llm_engine.config.device == engine.config.device:   # same device and dtype: same greedy tokens
+    check_same_greedy("two ranks generate what one process generates",
+                      tp_out, llm.generate(tp_prompts, params, use_tqdm=False), llm)
+
+# %% [markdown]
+# Where does a rank's time go? Every step's event records, per rank, how long its forward pass
+# took (`forward_s`) and how much of that was spent in collectives (`comm_s`: the broadcast
+# of the batch from rank 0, the all-reduces, gathering the logits on rank 0); the rest is
+# `compute_s`. `trace.rank_timings()` tabulates them, one row per step and rank:
+
+# %%
+rt = tp_trace.rank_timings()
+print(rt.head(4).to_string(index=False), "\n")
+per_rank = rt.groupby("rank")[["forward_s", "comm_s", "compute_s"]].sum()
+per_rank["comm_share"] = per_rank["comm_s"] / per_rank["forward_s"]
+print(per_rank.round(4).to_string())
+assert sorted(rt["rank"].unique()) == [0, 1] and len(rt) == 2 * rt["step"].nunique()
+assert (rt["comm_s"] > 0).all() and ((rt["compute_s"] - (rt["forward_s"] - rt["comm_s"])).abs() < 1e-9).all()
+share = per_rank["comm_s"].sum() / per_rank["forward_s"].sum()
+print(f"\nmeasured: {share:.0%} of the ranks' forward time went to communication, "
+      f"{1 - share:.0%} to computing their halves of the layers")
+del tp   # stops the second process
+
+# %% [markdown]
+# `comm_s` counts the time a rank waits inside a collective, including waiting for the other
+# rank to arrive. With a model this small each rank's half of a layer is a few microseconds of
+# arithmetic, while every all-reduce is a round trip between processes: read the measured
+# share above. Splitting a small model costs more than it saves; tensor parallelism pays off
+# when the model does not fit on one device, or when each rank's share of the compute is large
+# next to a fast link between the devices (NVLink between GPUs).
+
+# %% [markdown]
 # ## What to remember
 #
 # * `LLM(model=...)` does its expensive work once: weights, KV cache, warm-up. Create it once
@@ -213,5 +274,7 @@ del small
 # * The KV cache is allocated up front, as blocks of `block_size` tokens; its size in bytes
 #   follows from the model's shape, and you can compute it.
 # * The trace shows every step of a request's life; the next notebooks build on it.
+# * `tensor_parallel_size=N` splits every layer over N processes; the outputs stay the same,
+#   and the trace shows what the collectives between them cost.
 #
 # Next: **2. SamplingParams**, how the next token is chosen.

@@ -49,6 +49,8 @@ def attempt(what, fn):
     return {"case": what, "raises": "-", "message": "(accepted)"}
 
 ok = SamplingParams(max_tokens=4)
+n_heads = llm.llm_engine.model_config.hf_config.num_attention_heads
+bad_tp = next(k for k in range(3, n_heads + 2) if n_heads % k)   # cannot split the attention heads
 cases = [
     ("temperature=-1", lambda: SamplingParams(temperature=-1.0)),
     ("top_p=0", lambda: SamplingParams(top_p=0.0)),
@@ -63,7 +65,7 @@ cases = [
     ("token id outside the vocabulary", lambda: llm.generate([{"prompt_token_ids": [10**9]}], ok, use_tqdm=False)),
     ("logprobs=50 (max_logprobs=20)", lambda: llm.generate(["Hi"], SamplingParams(logprobs=50), use_tqdm=False)),
     ("2 prompts, 3 SamplingParams", lambda: llm.generate(["a", "b"], [ok, ok, ok], use_tqdm=False)),
-    ("LLM(tensor_parallel_size=2)", lambda: LLM(model=MODEL, tensor_parallel_size=2)),
+    (f"LLM(tensor_parallel_size={bad_tp}): {n_heads} heads", lambda: LLM(model=MODEL, tensor_parallel_size=bad_tp)),
     ("LLM(gpu_memory_utilization=1.2)", lambda: LLM(model=MODEL, gpu_memory_utilization=1.2)),
     ("LLM(quantization='awq')", lambda: LLM(model=MODEL, quantization="awq")),
 ]
