@@ -69,10 +69,12 @@ else
   GPU_TESTS="tests/kernels/test_cache_ops.py"
 fi
 
+if [ "${NB_LAST:-0}" = 0 ]; then
 # e) notebooks: one pytest worker per notebook file (loadscope keeps a notebook's cells in one kernel)
 run_step "e nbval $NOTEBOOKS" "$S_NB" nbval.log $PY -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
   --nbval-cell-timeout=90 ${NB_PAR/NBW/$NBW} --durations=10 $NOTEBOOKS
 note "  nbval: $(grep -E '[0-9]+ (passed|failed)' "$OUT/nbval.log" | tail -1)"
+fi
 
 # f) engine and kernel tests on the GPU (device="auto" picks CUDA), plus the one-rank TP tests
 run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -p no:cacheprovider --maxfail=3 ${T_PAR/TW/$TW} \
@@ -119,6 +121,15 @@ run_step "c serving sweep" "$S_SERVE" serving.log $PY benchmarks/bench_serving.p
 grep -E '^\| (rate|[0-9.]+|inf) ' "$OUT/serving.log" >"$OUT/.t" 2>/dev/null
 grep -q '^| rate' "$OUT/.t" || grep -E '^sweep so far' "$OUT/serving.log" >>"$OUT/.t"
 while IFS= read -r l; do note "  $l"; done <"$OUT/.t"; rm -f "$OUT/.t"
+
+# NB_LAST=1: the notebooks run last, in whatever time is left (a short lease)
+if [ "${NB_LAST:-0}" = 1 ]; then
+  S_NB=$(( DEADLINE - $(elapsed) - 5 ))
+# e) notebooks: one pytest worker per notebook file (loadscope keeps a notebook's cells in one kernel)
+run_step "e nbval $NOTEBOOKS" "$S_NB" nbval.log $PY -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+  --nbval-cell-timeout=90 ${NB_PAR/NBW/$NBW} --durations=10 $NOTEBOOKS
+note "  nbval: $(grep -E '[0-9]+ (passed|failed)' "$OUT/nbval.log" | tail -1)"
+fi
 
 {
   echo; echo "===== SUMMARY (total $(elapsed)s) ====="
