@@ -163,6 +163,26 @@ def test_guided_errors_are_400s_naming_the_field(client, engine):
     assert all_free(engine)
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"guided_json": {"type": "object"}, "guided_regex": "a+"}, "guided_regex"),   # the second kind given
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "start: ((("}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "a+", "guided_whitespace_pattern": 5}, "guided_whitespace_pattern"),
+    ({"guided_choice": ["a"], "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"logit_bias": {"999999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+])
+def test_every_guided_and_processor_error_names_its_field(client, engine, body, param):
+    # the field comes from the error itself (SamplingParamsValueError.param), not from its text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=body)
+    assert error_of(info)["param"] == param, error_of(info)
+    assert all_free(engine)
+
+
 # ---------------------------------------------------------------------- tools
 def test_named_tool_choice_returns_a_tool_call_matching_the_schema(client, engine):
     schema = WEATHER["function"]["parameters"]

@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional, TypedDict, Union
 
+from labengine.sampling_params import SamplingParamsValueError as _FieldError
+
 __all__ = ["GuidedDecodingRequest", "LLMGuidedOptions", "GUIDED_DECODING_BACKENDS", "DEFAULT_GUIDED_DECODING_BACKEND",
            "check_guided_decoding_backend", "get_guided_decoding_logits_processor"]
 
@@ -61,19 +63,21 @@ class GuidedDecodingRequest:
     def __post_init__(self) -> None:
         set_kinds = [k for k in _GUIDE_KINDS if getattr(self, k) not in (None, False)]
         if len(set_kinds) > 1:
-            raise ValueError("You can only use one kind of guided decoding but multiple is specified: "
-                             f"{', '.join(set_kinds)}")
+            raise _FieldError("You can only use one kind of guided decoding but multiple is specified: "
+                              f"{', '.join(set_kinds)}", set_kinds[1])
         if self.guided_regex is not None and not isinstance(self.guided_regex, str):
-            raise ValueError(f"guided_regex must be a str, got {self.guided_regex!r}")
+            raise _FieldError(f"guided_regex must be a str, got {self.guided_regex!r}", "guided_regex")
         if self.guided_grammar is not None and not isinstance(self.guided_grammar, str):
-            raise ValueError(f"guided_grammar must be a str (Lark-style EBNF), got {self.guided_grammar!r}")
+            raise _FieldError(f"guided_grammar must be a str (Lark-style EBNF), got {self.guided_grammar!r}",
+                              "guided_grammar")
         if self.guided_choice is not None:
             if (isinstance(self.guided_choice, str) or not all(isinstance(c, str) for c in self.guided_choice)
                     or not list(self.guided_choice)):
-                raise ValueError(f"guided_choice must be a non-empty list of str, got {self.guided_choice!r}")
+                raise _FieldError(f"guided_choice must be a non-empty list of str, got {self.guided_choice!r}",
+                                  "guided_choice")
         if self.guided_whitespace_pattern is not None and not isinstance(self.guided_whitespace_pattern, str):
-            raise ValueError(f"guided_whitespace_pattern must be a str (a regex), got "
-                             f"{self.guided_whitespace_pattern!r}")
+            raise _FieldError(f"guided_whitespace_pattern must be a str (a regex), got "
+                              f"{self.guided_whitespace_pattern!r}", "guided_whitespace_pattern")
         if self.guided_decoding_backend is not None:
             check_guided_decoding_backend(self.guided_decoding_backend)
 
@@ -100,9 +104,9 @@ class GuidedDecodingRequest:
 def check_guided_decoding_backend(name: str) -> str:
     """The backend name, or a ValueError naming the allowed ones."""
     if name not in GUIDED_DECODING_BACKENDS:
-        raise ValueError(f"guided_decoding_backend={name!r} is not available: labengine's guided decoding runs on "
+        raise _FieldError(f"guided_decoding_backend={name!r} is not available: labengine's guided decoding runs on "
                          f"{', '.join(GUIDED_DECODING_BACKENDS)} (vLLM v0.5.4's 'outlines' and "
-                         "'lm-format-enforcer' are not installed)")
+                          "'lm-format-enforcer' are not installed)", "guided_decoding_backend")
     return name
 
 

@@ -32,6 +32,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from labengine.sampling_params import SamplingParamsValueError as _FieldError
+
 _GRAMMAR_CACHE_SIZE = 64
 # outlines' default (vLLM v0.5.4): at most one space between JSON tokens, so a weak model
 # cannot fill max_tokens with whitespace.
@@ -87,10 +89,10 @@ def grammar_for(request) -> tuple[str, str, str]:
                 try:
                     schema = json.loads(schema)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"guided_json is not valid JSON: {e}") from e
+                    raise _FieldError(f"guided_json is not valid JSON: {e}", "guided_json") from e
             if not isinstance(schema, dict):
-                raise ValueError(f"guided_json must be a JSON schema object (dict, JSON string or pydantic model), "
-                                 f"got {request.guided_json!r}")
+                raise _FieldError(f"guided_json must be a JSON schema object (dict, JSON string or pydantic model), "
+                                  f"got {request.guided_json!r}", "guided_json")
         spec = json.dumps(schema, sort_keys=True)
         ws = request.guided_whitespace_pattern
         ws = DEFAULT_JSON_WHITESPACE if ws is None else ws
@@ -100,7 +102,7 @@ def grammar_for(request) -> tuple[str, str, str]:
         try:
             grammar = M.grammar_from_json_schema(schema, overrides=options)
         except ValueError as e:
-            raise ValueError(f"guided_json is not a valid JSON schema: {e}") from e
+            raise _FieldError(f"guided_json is not a valid JSON schema: {e}", "guided_json") from e
         return "guided_json", spec + "\0" + ws, grammar
     if request.guided_regex is not None:
         return "guided_regex", request.guided_regex, M.grammar_from_regex(request.guided_regex)
@@ -126,7 +128,7 @@ def compiled_matcher(request, tokenizer, vocab_size: int, eos_token_ids):
             return base, n_vocab
     base = llg.LLMatcher(view, grammar, log_level=0)
     if base.is_error():
-        raise ValueError(f"Invalid {kind} {_short(request, kind)}: {base.get_error().strip()}")
+        raise _FieldError(f"Invalid {kind} {_short(request, kind)}: {base.get_error().strip()}", kind)
     with _lock:
         _grammar_cache[key] = base
         while len(_grammar_cache) > _GRAMMAR_CACHE_SIZE:

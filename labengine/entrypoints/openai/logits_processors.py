@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional
 
+from labengine.sampling_params import SamplingParamsValueError as _FieldError
+
 LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100.0, 100.0
 
 
@@ -20,11 +22,11 @@ def logit_bias_processor(logit_bias: Dict[str, float], vocab_size: int):
         bias = {int(token_id): min(LOGIT_BIAS_MAX, max(LOGIT_BIAS_MIN, float(value)))
                 for token_id, value in logit_bias.items()}
     except (TypeError, ValueError):
-        raise ValueError("Found token_id in logit_bias that is not an integer or string representing an "
-                         "integer") from None
+        raise _FieldError("Found token_id in logit_bias that is not an integer or string representing an "
+                          "integer", "logit_bias") from None
     for token_id in bias:
         if token_id < 0 or token_id >= vocab_size:
-            raise ValueError(f"token_id {token_id} in logit_bias contains out-of-vocab token id")
+            raise _FieldError(f"token_id {token_id} in logit_bias contains out-of-vocab token id", "logit_bias")
     ids, values = list(bias), list(bias.values())
 
     def apply_logit_bias(output_ids, logits):
@@ -42,9 +44,9 @@ def allowed_token_ids_processor(allowed_token_ids: Iterable[int], vocab_size: in
     """Only these tokens may be sampled: every other logit becomes -inf."""
     allowed = sorted(set(allowed_token_ids))
     if not allowed:
-        raise ValueError("Empty allowed_token_ids provided")
+        raise _FieldError("Empty allowed_token_ids provided", "allowed_token_ids")
     if not all(0 <= t < vocab_size for t in allowed):
-        raise ValueError("allowed_token_ids contains out-of-vocab token id")
+        raise _FieldError("allowed_token_ids contains out-of-vocab token id", "allowed_token_ids")
 
     def apply_allowed_token_ids(output_ids, logits):
         import torch
@@ -64,8 +66,9 @@ _COUNTED_GUIDES = ("guided_json", "guided_regex", "guided_choice")
 def check_guided_decoding_count(req) -> None:
     """vLLM 0.5.4's rule (and message): at most one of guided_json, guided_regex, guided_choice."""
     if sum(getattr(req, k, None) is not None for k in _COUNTED_GUIDES) > 1:
-        raise ValueError("You can only use one kind of guided decoding ('guided_json', 'guided_regex' or "
-                         "'guided_choice').")
+        second = [k for k in _COUNTED_GUIDES if getattr(req, k, None) is not None][1]
+        raise _FieldError("You can only use one kind of guided decoding ('guided_json', 'guided_regex' or "
+                          "'guided_choice').", second)
 
 
 def guided_request_of(req, tool_parameters=None):
@@ -88,8 +91,8 @@ def guided_request_of(req, tool_parameters=None):
         elif fmt.type == "json_schema":
             schema = (fmt.json_schema or {}).get("schema")
             if schema is None:
-                raise ValueError('response_format {"type": "json_schema"} needs json_schema.schema (a JSON '
-                                 'schema)')
+                raise _FieldError('response_format {"type": "json_schema"} needs json_schema.schema (a JSON '
+                                  'schema)', "response_format")
             fields["guided_json"] = schema
     guided = GuidedDecodingRequest(guided_decoding_backend=req.guided_decoding_backend,
                                    guided_whitespace_pattern=req.guided_whitespace_pattern, **fields)

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
@@ -405,7 +404,7 @@ class OpenAIServing:
         try:
             processors = get_logits_processors(logit_bias, allowed_token_ids, vocab_size)
         except ValueError as e:
-            raise OpenAIError(str(e), param="logit_bias" if "logit_bias" in str(e) else "allowed_token_ids") from None
+            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
         if guided is not None:
             processors.append(self.guided_processor(guided))
         if processors:
@@ -440,8 +439,7 @@ class OpenAIServing:
             check_guided_decoding_count(req)
             return guided_request_of(req, tool_parameters)
         except ValueError as e:
-            m = re.search(r"guided_\w+|response_format", str(e))
-            raise OpenAIError(str(e), param=m.group(0) if m else None) from None
+            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
 
     def guided_processor(self, guided):
         """The llguidance logits processor of one request (a 400 naming the field when the spec is bad)."""
@@ -453,8 +451,7 @@ class OpenAIServing:
                 guided, self.tokenizer, llm_engine.model_runner.vocab_size, llm_engine.eos_token_ids,
                 backend=guided.guided_decoding_backend or llm_engine.guided_decoding_backend)
         except ValueError as e:
-            m = re.search(r"guided_\w+", str(e))
-            raise OpenAIError(str(e), param=m.group(0) if m else None) from None
+            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
 
     @staticmethod
     def engine_error(e: BaseException, prompt_param: str, rename=None) -> OpenAIError:
