@@ -45,7 +45,10 @@ def _installed_elsewhere(name: str):
 
     here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     path = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
-    return PathFinder.find_spec(name, path)
+    spec = PathFinder.find_spec(name, path)
+    # a folder without __init__.py (tests/kernels, when pytest puts tests/ on the path) is a
+    # namespace package, not an installed one
+    return spec if spec is not None and spec.origin is not None else None
 
 
 if __name__ != PACKAGE_NAME:

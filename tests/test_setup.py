@@ -82,8 +82,16 @@ def test_transformers_loads_llama_config_from_the_repo_root_without_triton():
         config = AutoConfig.from_pretrained(labengine.DEFAULT_MODEL)
         from transformers.utils import import_utils
         print(type(config).__name__, import_utils.is_kernels_available())
+        k = sys.modules.get("kernels")
+        print("repo" if k is not None and os.path.realpath(getattr(k, "__file__", "") or "").startswith(
+            os.path.realpath(os.getcwd()) + os.sep) else "elsewhere")
     """))
-    assert out.split() == [type_name := out.split()[0], "False"] and type_name.endswith("Config"), out
+    # transformers >= 5.25 depends on Hugging Face's `kernels`: then that package is the one it
+    # gets (ours steps aside) and the Hub kernels are available; without it, ours is an empty
+    # package and they are not.
+    hf_kernels = _hf_kernels_installed()
+    expected = ["True", "elsewhere"] if hf_kernels else ["False", "repo"]
+    assert out.split()[1:] == expected and out.split()[0].endswith("Config"), out
 
 
 def test_llm_runs_from_the_repo_root_without_triton():
@@ -131,9 +139,24 @@ def test_top_level_kernels_hands_over_to_a_real_kernels_package(tmp_path):
     assert out.split() == [str(site / "kernels" / "__init__.py"), "True"]
 
 
+def _hf_kernels_installed() -> bool:
+    """Is a `kernels` package (Hugging Face's) installed outside the repo?"""
+    from importlib.machinery import PathFinder
+
+    path = [p for p in sys.path if os.path.realpath(p or os.curdir) != str(ROOT)]
+    spec = PathFinder.find_spec("kernels", path)
+    return spec is not None and spec.origin is not None   # not a namespace folder such as tests/kernels
+
+
 def test_top_level_kernels_alone_is_an_empty_package_without_a_version():
+    """Without Hugging Face's `kernels` installed (hidden here when it is: transformers >= 5.25
+    depends on it), the repo's folder imported as `kernels` is an empty package."""
     out = _check(run_without_triton("""
-        import sys, kernels
+        import os, sys
+        here = os.path.realpath(os.getcwd())
+        sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) == here
+                       or not os.path.isdir(os.path.join(p or os.curdir, "kernels"))]
+        import kernels
         print(kernels.__all__, hasattr(kernels, "__version__"), "triton" in sys.modules)
     """))
     assert out.split() == ["[]", "False", "False"]
