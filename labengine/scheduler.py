@@ -224,26 +224,7 @@ class Scheduler:
         bm, budget = self.block_manager, self.config.max_num_batched_tokens
         # 1. every running decode, oldest first; the newest running request is preempted
         #    when blocks run out (a prompt being prefilled holds all its blocks already)
-        queue = list(self.running)
-        kept: list[SequenceGroup] = []
-        while queue:
-            group = queue.pop(0)
-            if group.is_prefill():
-                kept.append(group)
-                continue
-            while not bm.can_append_slots(group):
-                victim = queue.pop() if queue else group
-                self._preempt(victim, out)
-                if victim is group:
-                    break
-            else:
-                self._append_slots(group, out)
-                kept.append(group)
-        self.running = deque(kept)
-        if not out.preempted:
-            self._schedule_swapped(out)  # they come back as decodes
-        else:
-            self.waiting = deque(sorted(self.waiting, key=lambda g: g.arrival_time))
+        self._run_decodes(out, skip_prefills=True)  # swapped requests come back as decodes
         decodes = [g for g in self.running if not g.is_prefill()]
         num_tokens = sum(g.num_seqs(SequenceStatus.RUNNING) for g in decodes)  # <= max_num_seqs <= budget
         prefills: list[ScheduledSequenceGroup] = []
@@ -289,11 +270,18 @@ class Scheduler:
         out.num_prefill_tokens = sum(p.token_chunk_size for p in prefills)
         out.num_batched_tokens = num_tokens
 
-    def _schedule_decodes(self, out: SchedulerOutputs) -> None:
+    def _run_decodes(self, out: SchedulerOutputs, skip_prefills: bool = False) -> None:
+        """A slot for every running decode, oldest first, preempting the newest running request
+        while blocks run out; then swapped requests come back if nothing was preempted.
+        `skip_prefills`: a prompt still being prefilled in chunks keeps its place untouched
+        (it holds all its blocks already)."""
         queue = list(self.running)  # oldest first
         kept: list[SequenceGroup] = []
         while queue:
             group = queue.pop(0)
+            if skip_prefills and group.is_prefill():
+                kept.append(group)
+                continue
             while not self.block_manager.can_append_slots(group):
                 victim = queue.pop() if queue else group  # the newest running request
                 self._preempt(victim, out)
@@ -308,6 +296,9 @@ class Scheduler:
         if out.preempted:
             # Recomputed requests go back to the front of the queue, in arrival order.
             self.waiting = deque(sorted(self.waiting, key=lambda g: g.arrival_time))
+
+    def _schedule_decodes(self, out: SchedulerOutputs) -> None:
+        self._run_decodes(out)
         out.scheduled_seq_groups = [ScheduledSequenceGroup(g, g.num_seqs(SequenceStatus.RUNNING))
                                     for g in self.running]
         out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)

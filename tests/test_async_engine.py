@@ -16,6 +16,7 @@ import pytest
 
 from labengine import LLM, AsyncEngineArgs, AsyncEngineDeadError, AsyncLLMEngine, SamplingParams
 from labengine.testing import make_random_model
+from server_helpers import one_torch_thread
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time", "What is AI?",
            "The quick brown fox", "Attention lets every token"]
@@ -31,15 +32,10 @@ def run(coro, timeout: float = 60.0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The lab machine has 2 cores shared with other work; one intra-op thread per engine
-    # keeps step times steady (OpenMP teams of 2 stall badly when the cores are busy).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread():
+    # The lab machine has 2 cores shared with other work: see server_helpers.one_torch_thread.
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,14 @@ the loglikelihoods lm-eval computed are checked against the engine's own prompt 
 """
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from labengine import LLM, AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 from labengine.embedded import DEFAULT_MODEL
 from labengine.serve import build_app
+from server_helpers import one_torch_thread, serving
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
 MODEL = "labengine/tinylab"
@@ -28,24 +25,11 @@ MODEL = "labengine/tinylab"
 
 @pytest.fixture(scope="module")
 def server_url():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-        model="tinylab", num_gpu_blocks_override=256, seed=0, disable_log_requests=True))
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=15)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
+            model="tinylab", num_gpu_blocks_override=256, seed=0, disable_log_requests=True))
+        with serving({"server": build_app(engine, MODEL)}) as urls:
+            yield urls["server"]
 
 
 @pytest.fixture()

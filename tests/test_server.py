@@ -7,17 +7,16 @@ AsyncLLMEngine): one open, one that needs an API key. Ports are picked by the OS
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from labengine import AsyncEngineArgs, AsyncLLMEngine
 from labengine.serve import build_app, make_arg_parser
 from labengine.testing import make_random_model
+from server_helpers import ExplodingEngine, one_torch_thread, serving
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "sk-test-123"
@@ -27,13 +26,9 @@ MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: see test_async_engine.py
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +41,9 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(engine):
-    apps = [build_app(engine, MODEL_NAME), build_app(engine, MODEL_NAME, api_key=API_KEY)]
-    configs = [uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-               for app in apps]
-    srvs = [uvicorn.Server(c) for c in configs]
-
-    async def serve_all():
-        await asyncio.gather(*(s.serve() for s in srvs))
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve_all()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not all(s.started for s in srvs):
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        assert thread.is_alive(), "uvicorn thread died"
-        time.sleep(0.05)
-    urls = [f"http://127.0.0.1:{s.servers[0].sockets[0].getsockname()[1]}" for s in srvs]
-    yield {"open": urls[0], "keyed": urls[1], "apps": apps}
-    for s in srvs:
-        s.should_exit = True
-    thread.join(timeout=15)
+    apps = {"open": build_app(engine, MODEL_NAME), "keyed": build_app(engine, MODEL_NAME, api_key=API_KEY)}
+    with serving(apps) as urls:
+        yield {**urls, "apps": list(apps.values())}
 
 
 @pytest.fixture(scope="module")
@@ -367,17 +345,7 @@ def test_cli_parser_defaults():
 
 
 def test_dead_engine_gives_503_not_a_hang(engine):
-    class Exploding:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def step(self):
-            raise RuntimeError("engine exploded")
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-    dead = AsyncLLMEngine(Exploding(engine.engine), log_requests=False)
+    dead = AsyncLLMEngine(ExplodingEngine(engine.engine), log_requests=False)
     app = build_app(dead, MODEL_NAME)
 
     async def main():

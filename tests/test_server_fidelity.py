@@ -9,20 +9,18 @@ embedded model (labengine/tinylab), as learners run it.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
 from labengine import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 from labengine.serve import build_app, make_arg_parser
+from server_helpers import one_torch_thread, serving
 
 MODEL = "labengine/tinylab"
 WEATHER = {
@@ -44,13 +42,9 @@ OTHER = {"type": "function", "function": {"name": "add", "parameters": {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: see test_async_engine.py
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,30 +53,11 @@ def engine():
         model="tinylab", num_gpu_blocks_override=256, max_num_seqs=32, seed=0, disable_log_requests=True))
 
 
-def _serve(apps):
-    srvs = [uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-            for a in apps]
-
-    async def serve_all():
-        await asyncio.gather(*(s.serve() for s in srvs))
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve_all()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not all(s.started for s in srvs):
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        assert thread.is_alive(), "uvicorn thread died"
-        time.sleep(0.05)
-    return srvs, thread, [f"http://127.0.0.1:{s.servers[0].sockets[0].getsockname()[1]}" for s in srvs]
-
-
 @pytest.fixture(scope="module")
 def urls(engine):
-    srvs, thread, urls = _serve([build_app(engine, MODEL), build_app(engine, MODEL, return_tokens_as_token_ids=True)])
-    yield {"plain": urls[0], "token_ids": urls[1]}
-    for s in srvs:
-        s.should_exit = True
-    thread.join(timeout=15)
+    with serving({"plain": build_app(engine, MODEL),
+                  "token_ids": build_app(engine, MODEL, return_tokens_as_token_ids=True)}) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from labengine.entrypoints.openai.chat_utils import ChatTemplateError, apply_cha
 from labengine.entrypoints.openai.serving_engine import ServerLimits
 from labengine.events import RequestFinished
 from labengine.testing import make_random_model
+from server_helpers import ExplodingEngine, one_torch_thread, serving
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 128
@@ -33,13 +34,9 @@ TRUSTED = ServerLimits(trust_request_chat_template=True, chat_template_timeout_s
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +51,8 @@ def engine(tmp_path_factory):
 def urls(engine):
     apps = {"default": build_app(engine, MODEL), "tight": build_app(engine, MODEL, limits=TIGHT),
             "trusted": build_app(engine, MODEL, limits=TRUSTED)}
-    srvs = {k: uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-            for k, a in apps.items()}
-
-    async def serve_all():
-        await asyncio.gather(*(s.serve() for s in srvs.values()))
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve_all()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not all(s.started for s in srvs.values()):
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    out = {k: f"http://127.0.0.1:{s.servers[0].sockets[0].getsockname()[1]}" for k, s in srvs.items()}
-    out["apps"] = apps
-    yield out
-    for s in srvs.values():
-        s.should_exit = True
-    thread.join(timeout=15)
+    with serving(apps) as urls:
+        yield {**urls, "apps": apps}
 
 
 def post(url, path, body, **kw):
@@ -325,17 +306,7 @@ def test_health_fails_when_the_engine_makes_no_progress(urls, engine, monkeypatc
 
 
 def test_server_exits_non_zero_when_the_engine_dies(engine):
-    class Exploding:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def step(self):
-            raise RuntimeError("engine exploded")
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-    dead = AsyncLLMEngine(Exploding(engine.engine), log_requests=False)
+    dead = AsyncLLMEngine(ExplodingEngine(engine.engine), log_requests=False)
     server = uvicorn.Server(uvicorn.Config(build_app(dead, MODEL), host="127.0.0.1", port=0, log_level="critical",
                                            lifespan="off"))
     t, status = in_background(lambda: asyncio.run(serve_until_done(server, dead, poll_s=0.05)))
