@@ -27,7 +27,6 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch
