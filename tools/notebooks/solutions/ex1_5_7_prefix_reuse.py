@@ -194,14 +194,12 @@ for _n, _v in _ids.items():
     _got = predicted_reused[_n]
     _why = []  # the mistakes that give this wrong number
     if _got == blocks_needed(_shared(_v), BLOCK_SIZE) != _expect[_n]:
-        _why.append(f"{_shared(_v)} tokens are shared: a block that is only partly shared is not reused "
-                    "(only full blocks are registered)")
-    if _got in (blocks_needed(len(_v), BLOCK_SIZE), len(_v) // BLOCK_SIZE) and _got != _expect[_n]:
-        _why.append("the last prompt token is always computed (its logits give the first output token), "
-                    "so the block that holds it is not reused")
+        _why.append(f"{_shared(_v)} tokens are shared, and a partly shared block is not reused")
+    if _got > _expect[_n] and _shared(_v) // BLOCK_SIZE > _expect[_n]:
+        _why.append("the last prompt token is always computed, so its block is not reused")
     if _got == _system_alone // BLOCK_SIZE != _expect[_n] and PROMPTS[_n].startswith(SYSTEM):
-        _why.append(f"SYSTEM tokenized alone has {_system_alone} tokens, but inside a prompt its end merges "
-                    "with the next word: compare the token ids of the whole prompts")
+        _why.append(f"SYSTEM alone has {_system_alone} tokens, but in a prompt its end merges with the next "
+                    "word: compare the whole prompts' token ids")
     check_equal(f"predicted_reused[{_n!r}]", int(_got), _expect[_n],
                 hint="; or ".join(_why) or "count the leading full blocks of its token ids that a served "
                                            "prompt has, token for token from the first")
