@@ -79,8 +79,8 @@ def gpu_memory_note(label: str, util: float) -> str:
             f"in use ({mine / GiB:.2f} GiB of it by this process); gpu_memory_utilization={util} leaves "
             f"{room / GiB:.2f} GiB for this LLM")
     if room <= 0.25 * total * util:
-        line += (f"\n    WARNING: GPU memory is short: {used / GiB:.2f} GiB of the device are in use before this LLM is "
-                 f"built, {(used - mine) / GiB:.2f} GiB of them by other processes (or an earlier run that has not "
+        line += (f"\n    WARNING: GPU memory is short: {used / GiB:.2f} GiB of the device are in use before this "
+                 f"LLM is built, {(used - mine) / GiB:.2f} GiB of them by other processes (or an earlier run that has not "
                  "released its memory: see nvidia-smi). The engine sizes its KV cache as gpu_memory_utilization x "
                  "total minus all memory in use, so it gets little or none (\"No available memory for the cache "
                  "blocks\"). Free the GPU, or raise --gpu-memory-utilization.")
