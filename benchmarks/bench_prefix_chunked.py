@@ -15,6 +15,12 @@ that every decode waits for; with chunking (max_num_batched_tokens=`--budget`) t
 run in every step beside a chunk. Printed: p99 (and max) ITL in that window off / on and the
 ratio, and, deterministic beside the wall times, the most tokens any step computed.
 
+On a GPU the script prints the device's free memory (torch.cuda.mem_get_info) before it builds
+each LLM and says plainly when it is short: the engine sizes its KV cache as
+gpu_memory_utilization x total minus everything already in use on the device, other processes
+(or an earlier run that still holds memory) included. Each LLM is released (every reference
+dropped, then gc + empty_cache) before the next one is built, and the script checks that it was.
+
 CPU (default): a small random-weight Qwen3-shaped model, small sizes. GPU, as the lead runs it:
   python benchmarks/bench_prefix_chunked.py --random-qwen3 --num-requests 256 --system-len 2048 \\
       --suffix-len 128 --output-len 16 --long-len 16384 --num-decodes 64 --decode-len 256 \\
@@ -59,21 +65,83 @@ def make_model(path: str, cfg: dict) -> str:
     return path
 
 
-def make_llm(path: str, args, **kw):
+GiB = 2**30
+
+
+def gpu_memory_note(label: str, util: float) -> str:
+    """One line on the device's memory before an LLM is built, with a plain warning when the
+    share gpu_memory_utilization allows is mostly (or wholly) in use already."""
+    free_b, total = torch.cuda.mem_get_info()
+    used = total - free_b
+    mine = torch.cuda.memory_reserved()
+    room = total * util - used  # what the engine can give weights, activations and KV cache
+    line = (f"    [{label}] GPU memory: {free_b / GiB:.2f} GiB free of {total / GiB:.2f} GiB; {used / GiB:.2f} GiB "
+            f"in use ({mine / GiB:.2f} GiB of it by this process); gpu_memory_utilization={util} leaves "
+            f"{room / GiB:.2f} GiB for this LLM")
+    if room <= 0.25 * total * util:
+        line += (f"\n    WARNING: GPU memory is short: {used / GiB:.2f} GiB of the device are in use before this "
+                 f"LLM is built, {(used - mine) / GiB:.2f} GiB of them by other processes (or an earlier run that has not "
+                 "released its memory: see nvidia-smi). The engine sizes its KV cache as gpu_memory_utilization x "
+                 "total minus all memory in use, so it gets little or none (\"No available memory for the cache "
+                 "blocks\"). Free the GPU, or raise --gpu-memory-utilization.")
+    return line
+
+
+def make_llm(path: str, args, label: str = "", **kw):
     from labengine import LLM
 
-    extra = dict(gpu_memory_utilization=0.85) if DEV == "cuda" else {}
-    return LLM(model=path, dtype="bfloat16" if DEV == "cuda" else "float32", skip_tokenizer_init=True,
-               max_model_len=args.max_model_len, device=DEV, seed=0, **extra, **kw)
+    extra = dict(gpu_memory_utilization=args.gpu_memory_utilization) if DEV == "cuda" else {}
+    if DEV == "cuda":
+        print(gpu_memory_note(label, args.gpu_memory_utilization), flush=True)
+    try:
+        return LLM(model=path, dtype="bfloat16" if DEV == "cuda" else "float32", skip_tokenizer_init=True,
+                   max_model_len=args.max_model_len, device=DEV, seed=0, **extra, **kw)
+    except ValueError as e:
+        if DEV == "cuda" and "No available memory for the cache blocks" in str(e):
+            raise SystemExit(f"{label}: the LLM could not get KV-cache memory ({e})\n"
+                             + gpu_memory_note(label, args.gpu_memory_utilization)) from e
+        raise
 
 
-def free(llm) -> None:
+def kv_cache_ref(llm):
+    """A weak reference to the engine's KV cache tensor: dead once the LLM is really released."""
+    import weakref
+
+    return weakref.ref(llm.llm_engine.model_runner.kv_cache)
+
+
+def release(kv_ref, label: str) -> None:
+    """After the caller has dropped every reference to an LLM: collect it and hand its memory
+    back to the device, and say so if something still holds its KV cache."""
     import gc
 
-    del llm
     gc.collect()
     if DEV == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    if kv_ref() is not None:
+        print(f"    WARNING: [{label}] the LLM's KV cache is still referenced after release: its memory stays held")
+
+
+def prefix_run(path: str, args, prompts, warm, params, on: bool, label: str):
+    """One LLM, warmed up, runs the prompts; returns plain results (no engine objects) and a
+    weak reference to its KV cache, so the LLM dies when this returns."""
+    llm = make_llm(path, args, label, enable_prefix_caching=on)
+    engine = llm.llm_engine
+    llm.generate([{"prompt_token_ids": warm}], params, use_tqdm=False)
+    before = engine.num_prefill_tokens_computed
+    bm = engine.scheduler.block_manager
+    q0, h0 = bm.num_queried_blocks, bm.num_hit_blocks
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync()
+    dt = time.perf_counter() - t0
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    q, h = bm.num_queried_blocks - q0, bm.num_hit_blocks - h0
+    result = dict(computed=engine.num_prefill_tokens_computed - before, s=dt, tokens=tokens,
+                  hit=h / q if q else float("nan"))
+    return result, kv_cache_ref(llm)
 
 
 def prefix_experiment(path: str, args, vocab: int) -> None:
@@ -86,22 +154,9 @@ def prefix_experiment(path: str, args, vocab: int) -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     res = {}
     for on in (False, True):
-        llm = make_llm(path, args, enable_prefix_caching=on)
-        engine = llm.llm_engine
-        llm.generate([{"prompt_token_ids": warm}], params, use_tqdm=False)
-        before = engine.num_prefill_tokens_computed
-        bm = engine.scheduler.block_manager
-        q0, h0 = bm.num_queried_blocks, bm.num_hit_blocks
-        sync()
-        t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        sync()
-        dt = time.perf_counter() - t0
-        tokens = [o.outputs[0].token_ids for o in outs]
-        q, h = bm.num_queried_blocks - q0, bm.num_hit_blocks - h0
-        res[on] = dict(computed=engine.num_prefill_tokens_computed - before, s=dt, tokens=tokens,
-                       hit=h / q if q else float("nan"))
-        free(llm)
+        label = f"prefix caching {'on' if on else 'off'}"
+        res[on], kv_ref = prefix_run(path, args, prompts, warm, params, on, label)
+        release(kv_ref, label)  # prefix_run has returned: nothing refers to its LLM any more
     off, on = res[False], res[True]
     total = sum(map(len, prompts))
     print(f"\n[1] prefix caching: {args.num_requests} requests = {args.system_len}-token shared system prompt "
@@ -134,7 +189,8 @@ def chunked_run(path: str, args, vocab: int, chunked: bool):
     rng = random.Random(1)
     kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=args.budget) if chunked else {}
     # the same max_num_seqs both ways (it must fit in the chunked budget)
-    llm = make_llm(path, args, max_num_seqs=min(256, args.budget), **kw)
+    llm = make_llm(path, args, f"chunked prefill {'on' if chunked else 'off'}", max_num_seqs=min(256, args.budget),
+                   **kw)
     engine = llm.llm_engine
     # warm-up (kernels, graphs): one short request
     llm.generate([{"prompt_token_ids": [5] * 16}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -172,13 +228,15 @@ def chunked_run(path: str, args, vocab: int, chunked: bool):
     # the gaps that overlap the long prompt's prefill (from its arrival to its first token)
     window = [g for t0, t1, g in itl if t1 > arrival and t0 < first_token]
     most_tokens = max(e.num_prefill_tokens + e.num_decode_tokens for e in events)
-    free(llm)
-    return dict(window=window, all=[g for _, _, g in itl], ttft=first_token - arrival, most_tokens=most_tokens)
+    result = dict(window=window, all=[g for _, _, g in itl], ttft=first_token - arrival, most_tokens=most_tokens)
+    return result, kv_cache_ref(llm)
 
 
 def chunked_experiment(path: str, args, vocab: int) -> None:
-    off = chunked_run(path, args, vocab, chunked=False)
-    on = chunked_run(path, args, vocab, chunked=True)
+    off, kv_ref = chunked_run(path, args, vocab, chunked=False)
+    release(kv_ref, "chunked prefill off")  # chunked_run has returned: nothing refers to its LLM any more
+    on, kv_ref = chunked_run(path, args, vocab, chunked=True)
+    release(kv_ref, "chunked prefill on")
     print(f"\n[2] chunked prefill: a {args.long_len}-token prompt arrives while {args.num_decodes} requests decode "
           f"({args.decode_len} tokens each); budget {args.budget} tokens per step with chunking")
     print(f"    most tokens in one step, off / on:       {off['most_tokens']} / {on['most_tokens']}")
@@ -208,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1152)
     p.add_argument("--experiment", choices=["both", "prefix", "chunked"], default="both")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="the share of the GPU's memory each LLM may use (GPU only; default 0.85)")
     return p
 
 

@@ -75,7 +75,9 @@ assert outputs[0].finished and outputs[0].outputs[0].finish_reason in ("stop", "
 #
 # * The exercises, in `exercises/`: 1.5.1 basic inference, 1.5.2 batch processing, 1.5.3
 #   multiple completions, 1.5.4 custom stopping, and two that use the instrumentation:
-#   1.5.5 predict the KV blocks a batch needs, 1.5.6 make preemption happen and explain it.
+#   1.5.5 predict the KV blocks a batch needs, 1.5.6 make preemption happen and explain it,
+#   and, after lab 10 (prefix caching and chunked prefill), 1.5.7 predict which cached blocks
+#   a request reuses.
 #   Check your work with `make grade EX=ex1_5_1` (see docs/LAB_GUIDE.md).
 # * The engine itself: `labengine/` is small enough to read in an afternoon. Start with
 #   `llm_engine.py` (one step), then `scheduler.py` and `block_manager.py`.

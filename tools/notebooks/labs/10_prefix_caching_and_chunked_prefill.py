@@ -126,3 +126,11 @@ pd.DataFrame(results)
 
 # %%
 viz.plot_timeline(traces[True].to_dataframe());
+
+# %% [markdown]
+# ## Your turn
+#
+# Exercise 1.5.7 (`exercises/ex1_5_7_prefix_reuse.ipynb`) asks you to predict, from token ids
+# and the block size alone, which cached blocks new requests will reuse and how many prompt
+# tokens each will still compute, and then to check your predictions against the trace.
+# Grade it with `make grade EX=ex1_5_7`.
