@@ -390,6 +390,10 @@ def block_table_data(df: pd.DataFrame, request_id, step: int,
     return out
 
 
+# points; the explorer shows the table at 80 dpi, so 10 pt is ~11 px of text
+TABLE_FONTSIZE = 10
+
+
 def plot_block_table(df: pd.DataFrame, request_id, step: int, ax=None):
     """One request's block table at a step: logical blocks (top, one row per sequence) with
     arrows to the physical blocks (bottom strip of the whole device cache)."""
@@ -401,11 +405,12 @@ def plot_block_table(df: pd.DataFrame, request_id, step: int, ax=None):
     colors = request_colors(len(data.requests))
     rid_idx = data.requests.index(request_id) if request_id in data.requests else 0
     color = colors[rid_idx] if len(colors) else (0.5, 0.5, 0.5, 1)
-    ax.set_title(f"request {request_id!r} at step {step}: block table (logical -> physical)")
+    ax.set_title(f"request {request_id!r} at step {step}: block table (logical -> physical)",
+                 fontsize=TABLE_FONTSIZE + 2)
     ax.axis("off")
     if table.empty:
         ax.text(0.5, 0.5, f"request {request_id!r} holds no blocks at step {step}", ha="center",
-                va="center", transform=ax.transAxes)
+                va="center", transform=ax.transAxes, fontsize=TABLE_FONTSIZE + 2)
         return fig
     # bottom strip: every physical block, coloured by owner at that step
     j = int(np.searchsorted(data.steps, step))
@@ -415,23 +420,28 @@ def plot_block_table(df: pd.DataFrame, request_id, step: int, ax=None):
         fc = colors[col[b]] if col[b] >= 0 else (1, 1, 1, 1)
         alpha = 1.0 if col[b] == rid_idx else 0.25
         ax.add_patch(Rectangle((b, 0), 0.9, 0.9, facecolor=fc, alpha=alpha, edgecolor="grey", lw=0.5))
-        if n_blocks <= 64:
-            ax.text(b + 0.45, 0.45, str(b), ha="center", va="center", fontsize=6)
-    ax.text(-0.5, 0.45, "physical\n(gpu)", ha="right", va="center", fontsize=8)
+        # every number fits up to 32 blocks; beyond, the request's own blocks and every 8th
+        if n_blocks <= 32 or col[b] == rid_idx or b % 8 == 0:
+            ax.text(b + 0.45, 0.45, str(b), ha="center", va="center", fontsize=TABLE_FONTSIZE - 2,
+                    fontweight="bold" if col[b] == rid_idx else "normal")
+    ax.text(-0.5, 0.45, "physical\n(gpu)", ha="right", va="center", fontsize=TABLE_FONTSIZE)
     seqs = list(dict.fromkeys(table["seq_id"]))
     for k, sid in enumerate(seqs):
         y = 2.2 + 1.2 * k
         name = f"seq {sid}" if sid >= 0 else "forked seq"
-        ax.text(-0.5, y + 0.45, f"{name}\nlogical", ha="right", va="center", fontsize=8)
+        ax.text(-0.5, y + 0.45, f"{name}\nlogical", ha="right", va="center", fontsize=TABLE_FONTSIZE)
+        spacing = max(1.0, w / max(1, table["logical_index"].max() + 1) * 0.5)
+        box = max(0.9, min(4.0, 0.8 * spacing))   # wide enough for its label when there is room
         for r in table[table["seq_id"] == sid].itertuples(index=False):
-            x = r.logical_index * max(1.0, w / max(1, table["logical_index"].max() + 1) * 0.5)
-            ax.add_patch(Rectangle((x, y), 0.9, 0.9, facecolor=color, edgecolor="black", lw=0.8,
+            x = r.logical_index * spacing
+            ax.add_patch(Rectangle((x, y), box, 0.9, facecolor=color, edgecolor="black", lw=0.8,
                                    hatch="//" if r.shared else None))
-            label = f"{r.logical_index}\n->{r.block}" + (" cpu" if r.device == "cpu" else "")
-            ax.text(x + 0.45, y + 0.45, label, ha="center", va="center", fontsize=6,
+            label = (f"{r.logical_index} -> {r.block}" if box >= 3 else f"{r.logical_index}\n->{r.block}") + (
+                " cpu" if r.device == "cpu" else "")
+            ax.text(x + box / 2, y + 0.45, label, ha="center", va="center", fontsize=TABLE_FONTSIZE,
                     bbox=dict(boxstyle="round,pad=0.1", facecolor="white", alpha=0.8, linewidth=0))
             if r.device == "gpu":
-                ax.annotate("", xy=(r.block + 0.45, 0.95), xytext=(x + 0.45, y - 0.05),
+                ax.annotate("", xy=(r.block + 0.45, 0.95), xytext=(x + box / 2, y - 0.05),
                             arrowprops=dict(arrowstyle="->", lw=0.6, color="black", alpha=0.6))
     ax.set_xlim(-3, w + 1)
     ax.set_ylim(-0.3, 2.2 + 1.2 * len(seqs) + 0.2)

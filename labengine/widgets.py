@@ -280,6 +280,28 @@ class SamplingExplorer(W.VBox, _ErrorBox):
 # BlockMapExplorer
 
 
+def opening_view(data, request_id=None, step: Optional[int] = None):
+    """(step, request_id) a block-map explorer opens on, from `viz.block_map_data`: the given
+    ones, else the step with the most blocks in use (the first such; for a given request, the
+    first step where it holds the most blocks) and the request holding the most blocks there.
+    (None, None) for a trace with no blocks."""
+    grid, steps_, reqs = data.grid, data.steps, list(data.requests)
+    if not len(steps_) or not reqs:
+        return (int(steps_[0]) if len(steps_) else None), (reqs[0] if reqs else None)
+    if step is None:
+        if request_id is not None and request_id in reqs:
+            held = (grid == reqs.index(request_id)).sum(axis=0)
+        else:
+            held = (grid >= 0).sum(axis=0)
+        step = int(steps_[int(np.argmax(held))])
+    if request_id is None:
+        j = min(int(np.searchsorted(steps_, step)), len(steps_) - 1)
+        col = grid[:, j]
+        counts = np.bincount(col[col >= 0], minlength=len(reqs))
+        request_id = reqs[int(np.argmax(counts))] if counts.sum() else reqs[0]
+    return int(step), request_id
+
+
 class BlockMapExplorer(W.VBox, _ErrorBox):
     """Scrub a trace step by step: the block map with a cursor, who owns what, and one
     request's block table (logical -> physical) at that step.
@@ -287,9 +309,13 @@ class BlockMapExplorer(W.VBox, _ErrorBox):
     `BlockMapExplorer(trace)` or `BlockMapExplorer(df)`; `.step` is the slider, `.request`
     the request dropdown. State: `owners` ({block: request_id} at the step), `table` (the
     request's block table), `step_row` (that step's step_finished row, or None).
+
+    It opens where there is something to see (`opening_view`): unless `step` / `request_id`
+    say otherwise, at the step with the most blocks in use, on the request holding the most
+    of them there.
     """
 
-    def __init__(self, trace_or_df, request_id=None, plot: bool = True):
+    def __init__(self, trace_or_df, request_id=None, plot: bool = True, step: Optional[int] = None):
         df = trace_or_df.to_dataframe() if hasattr(trace_or_df, "to_dataframe") else trace_or_df
         self.df = df
         self.draw = plot
@@ -299,18 +325,19 @@ class BlockMapExplorer(W.VBox, _ErrorBox):
         self.steps = steps_frame(df).set_index("step")
         steps_ = self.data.steps
         lo, hi = (int(steps_[0]), int(steps_[-1])) if len(steps_) else (0, 0)
-        self.step = W.IntSlider(value=lo, min=lo, max=hi, description="step", continuous_update=False,
-                                layout=W.Layout(width="640px"))
-        self.play = W.Play(value=lo, min=lo, max=hi, interval=400, description="play")
+        first_step, first_rid = opening_view(self.data, request_id, step)
+        self.step = W.IntSlider(value=first_step if first_step is not None else lo, min=lo, max=hi,
+                                description="step", continuous_update=False, layout=W.Layout(width="640px"))
+        self.play = W.Play(value=int(self.step.value), min=lo, max=hi, interval=400, description="play")
         W.jslink((self.play, "value"), (self.step, "value"))
         rids = [str(r) for r in self.data.requests]
-        self.request = W.Dropdown(options=rids, value=(str(request_id) if request_id is not None
-                                                       else (rids[0] if rids else None)),
+        self.request = W.Dropdown(options=rids, value=str(first_rid) if first_rid is not None else None,
                                   description="request", layout=W.Layout(width="260px"))
         self._rid_of = {str(r): r for r in self.data.requests}
         self.info = W.HTML()
         self.map_image = W.Image(format="png", layout=W.Layout(height="360px", object_fit="contain"))
-        self.table_image = W.Image(format="png", layout=W.Layout(height="240px", object_fit="contain"))
+        # shown at its own size, at most the cell's width: a fixed height shrank its text
+        self.table_image = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         self.owners: dict = {}
         self.table: Optional[pd.DataFrame] = None
         self.step_row = None

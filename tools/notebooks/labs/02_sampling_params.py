@@ -23,7 +23,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 import labengine
-from labengine import LLM, SamplingParams, viz
+from labengine import LLM, SamplingParams, demos, viz
 from labengine.grading import check_same_greedy, exact_greedy_expected
 from labengine.widgets import SamplingExplorer
 
@@ -76,25 +76,26 @@ explorer.top_p.value = 1.0
 # `explorer.raw_distribution()` is the model's distribution for the prompt (the most likely
 # tokens, most likely first). `viz.sampling_stages` applies the sampler's stages to it; it is
 # the same function the widget uses. Three rows: temperature, top-p, top-k.
+#
+# Look at the numbers first: after this prompt the model spreads its probability thin, and its
+# 12 most likely tokens hold only about a fifth of the mass. `top_p=0.3` would keep some twenty
+# tokens, more than a panel draws, so the top-p row uses small values of `p` to show the cut.
 
 # %%
 tokens, token_ids, logprobs, prompt_ids = explorer.raw_distribution()
 print(f"{len(tokens)} tokens; the five most likely:",
       ", ".join(f"{t!r} {np.exp(lp):.2f}" for t, lp in zip(tokens[:5], logprobs[:5])))
+print(f"the {demos.GRID_BARS} most likely hold {np.exp(logprobs[:demos.GRID_BARS]).sum():.0%} of the probability")
 
-settings = [
-    [dict(temperature=t) for t in (0.3, 1.0, 1.6)],
-    [dict(top_p=p) for p in (0.3, 0.6, 0.95)],
-    [dict(top_k=k) for k in (1, 4, 12)],
-]
+settings = demos.SAMPLING_GRID      # [[temperature 0.3, 1.0, 1.6], [top_p 0.05, 0.1, 0.15], [top_k 1, 4, 12]]
+stages = demos.sampling_grid(tokens, logprobs, token_ids, settings)
 fig, axes = plt.subplots(3, 3, figsize=(15, 12), layout="constrained")
-stages = {}
 for row, row_settings in zip(axes, settings):
     for ax, kw in zip(row, row_settings):
-        name = ", ".join(f"{k}={v}" for k, v in kw.items())
-        stages[name] = viz.sampling_stages(tokens, logprobs, token_ids, **kw)
+        name = demos.setting_name(kw)
         kept = int(stages[name]["kept"].sum())
-        viz.plot_sampling_stages(stages[name], ax=ax, max_tokens=12, title=f"{name}: {kept} tokens kept")
+        viz.plot_sampling_stages(stages[name], ax=ax, max_tokens=demos.GRID_BARS,
+                                 title=f"{name}: {kept} tokens kept")
 plt.show()
 
 # %% [markdown]
@@ -113,7 +114,7 @@ for t, p, h in zip(temps, top_prob, ent):
 assert all(a >= b - 1e-6 for a, b in zip(top_prob, top_prob[1:])), "a higher T never sharpens"
 assert all(a <= b + 1e-6 for a, b in zip(ent, ent[1:])), "a higher T always flattens"
 
-for p in (0.3, 0.6, 0.95):
+for p in (0.05, 0.1, 0.15):
     s = stages[f"top_p={p}"]
     kept, removed = s[s["kept"]], s[~s["kept"]]
     # top-p keeps a head of the ranking whose raw mass reaches p, and no more than it needs
@@ -121,7 +122,9 @@ for p in (0.3, 0.6, 0.95):
     assert kept["p_raw"].sum() >= p - 1e-6
     assert removed.empty or kept["p_raw"].min() >= removed["p_raw"].max() - 1e-9
     assert kept.loc[kept["p_raw"] > kept["p_raw"].min(), "p_raw"].sum() < p + 1e-6
-    print(f"top_p={p}: keeps {len(kept)} tokens holding {kept['p_raw'].sum():.2f} of the mass")
+    print(f"top_p={p}: keeps {len(kept)} tokens holding {kept['p_raw'].sum():.2f} of the mass; "
+          f"removes {demos.removed_among_drawn(s)} of the {demos.GRID_BARS} drawn")
+    assert demos.removed_among_drawn(s) > 0, "the panel shows top-p cutting the tail"
 for k in (1, 4, 12):
     n_kept = int(stages[f"top_k={k}"]["kept"].sum())
     assert n_kept >= min(k, len(tokens)), "top-k keeps k tokens (more only when several tie for k-th place)"
@@ -177,17 +180,16 @@ assert len(results[4].outputs) == 3
 # Penalties change the logits of tokens that already appeared. `frequency_penalty` subtracts
 # a multiple of how often a token was generated, `presence_penalty` a constant once it
 # appeared at all, and `repetition_penalty` divides (or multiplies) the logits of tokens from
-# the prompt *and* the output. A small model under greedy decoding tends to loop; watch the
-# share of repeated tokens fall:
+# the prompt *and* the output. A small model under greedy decoding reuses words in a story;
+# watch the share of repeated tokens fall. (The prompt matters: after "Hello, my name is" this
+# model writes 32 tokens with few repeats, and a penalty then has little to push down.)
 
 # %%
-def repeated_share(token_ids):
-    return 1 - len(set(token_ids)) / len(token_ids)
-
-for kw in (dict(), dict(frequency_penalty=1.0), dict(repetition_penalty=1.5)):
-    c = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, **kw),
-                     use_tqdm=False)[0].outputs[0]
-    print(f"{str(kw or 'no penalty'):>28}: {repeated_share(c.token_ids):.0%} repeated tokens  {c.text[:70]!r}")
+penalties = demos.penalty_table(llm, "Once upon a time", demos.PENALTY_SETTINGS, max_tokens=32)
+for name, row in penalties.iterrows():
+    print(f"{name:>24}: {row['repeated']:.0%} repeated tokens  {row['text'][:70]!r}")
+assert (penalties["repeated"].drop("no penalty") < penalties.loc["no penalty", "repeated"]).all(), \
+    "every penalty lowers the share of repeated tokens"
 
 # %% [markdown]
 # ## What to remember

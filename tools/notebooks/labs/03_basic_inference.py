@@ -18,7 +18,7 @@ import math
 import pandas as pd
 
 import labengine
-from labengine import LLM, SamplingParams
+from labengine import LLM, SamplingParams, demos
 
 MODEL = labengine.DEFAULT_MODEL
 llm = LLM(model=MODEL, seed=0)
@@ -110,13 +110,20 @@ for tid, entry in zip(scored.prompt_token_ids, scored.prompt_logprobs):
 # (notebook 4 shows the block map), so this costs much less than five separate requests.
 # The completions differ only by sampling; compare their cumulative log-probabilities:
 # the higher, the more likely the model found that completion.
+#
+# Sampling can only differ where the model hesitates. A story opening has many good
+# continuations. (Try "The best way to learn programming is": the small model learnt that
+# sentence almost by heart, and most of the five samples come out word for word the same.)
 
 # %%
-multi = llm.generate(["The best way to learn programming is"],
+multi = llm.generate([demos.N_PROMPT],     # "Once upon a time"
                      SamplingParams(n=5, temperature=0.8, max_tokens=24, seed=0), use_tqdm=False)[0]
 for comp in sorted(multi.outputs, key=lambda x: -x.cumulative_logprob):
     print(f"[{comp.index}] logprob {comp.cumulative_logprob:7.2f} | {comp.text!r}")
 assert len(multi.outputs) == 5
+distinct = len({comp.text for comp in multi.outputs})
+print(f"\n{distinct} different texts among the 5 completions")
+assert distinct == 5, "five samples of a story opening differ"
 best = max(multi.outputs, key=lambda x: x.cumulative_logprob)
 print("\nmost likely completion:", repr(best.text))
 
@@ -129,7 +136,7 @@ print("\nmost likely completion:", repr(best.text))
 for comp in multi.outputs:
     print(f"[{comp.index}] {len(comp.token_ids):2d} tokens, per-token logprob "
           f"{comp.cumulative_logprob / len(comp.token_ids):6.2f}")
-two = llm.generate(["The best way to learn programming is"],
+two = llm.generate([demos.N_PROMPT],
                    SamplingParams(n=2, best_of=8, temperature=0.8, max_tokens=24, seed=0), use_tqdm=False)[0]
 print("best 2 of 8:", [round(x.cumulative_logprob, 2) for x in two.outputs])
 assert len(two.outputs) == 2

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 import labengine
-from labengine import AsyncEngineArgs, AsyncLLMEngine, SamplingParams, viz
+from labengine import AsyncEngineArgs, AsyncLLMEngine, SamplingParams, demos, viz
 from labengine.grading import check_same_greedy
 
 MODEL = labengine.DEFAULT_MODEL
@@ -63,7 +63,8 @@ check_same_greedy("both ways give the same greedy answers", again, results, engi
 # Each item a stream yields is *cumulative*: `out.outputs[0].text` is the whole text so far.
 # To print only what is new, remember how much you already showed. Below, two requests
 # stream at the same time, each into its own output line, and we note when each piece
-# arrived.
+# arrived. (`display("some text")` would show the string's Python repr, quotes included;
+# `demos.stream_line` builds a line that shows as plain text.)
 
 # %%
 stream_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=0)
@@ -76,11 +77,11 @@ async def stream_into(prompt, request_id, handle):
         text = out.outputs[0].text
         new, shown = text[len(shown):], text
         stamps.append((time.perf_counter() - t0, len(out.outputs[0].token_ids)))
-        handle.update(f"{request_id}: {prompt}{shown}" + ("" if out.finished else " ▌"))
+        handle.update(demos.stream_line(request_id, prompt, shown, out.finished))
     arrivals[request_id] = stamps
     return out
 
-handles = {rid: display(f"{rid}: ...", display_id=True) for rid in ("story", "intro")}
+handles = {rid: display(demos.stream_line(rid, "", "", False), display_id=True) for rid in ("story", "intro")}
 outs = await asyncio.gather(stream_into("Once upon a time", "story", handles["story"]),
                             stream_into("Hello, my name is", "intro", handles["intro"]))
 for rid, stamps in arrivals.items():

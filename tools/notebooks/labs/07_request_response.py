@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import labengine
-from labengine import LLM, SamplingParams
+from labengine import LLM, SamplingParams, demos
 from labengine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 MODEL = labengine.DEFAULT_MODEL
@@ -44,6 +44,36 @@ assert as_text.outputs[0].token_ids == as_ids.outputs[0].token_ids and as_ids.pr
 
 print("\nthe params, as the engine saw them:")
 print(params)
+
+# %% [markdown]
+# ### The lesson's `access_outputs.py` raises
+#
+# The lesson's example asks for two completions (`n=2`) with `temperature=0.0`. Greedy decoding
+# has only one answer, so two greedy completions would be the same text twice: vLLM refuses
+# the combination when the `SamplingParams` is created, and so does labengine, with vLLM's message.
+
+# %%
+try:
+    SamplingParams(temperature=0.0, max_tokens=20, logprobs=1, n=2)   # as in the lesson
+    lesson_error = None
+except ValueError as e:
+    lesson_error = e
+    print(f"{type(e).__name__}: {e}")
+assert isinstance(lesson_error, ValueError) and "greedy" in str(lesson_error)
+
+# %% [markdown]
+# What works: sample (any `temperature > 0`) to get different completions, or ask beam search
+# for the 2 most likely continuations (deterministic, `temperature=0`, `best_of` beams).
+
+# %%
+sampled, beams = llm.generate(["Hello, my name is"] * 2, [
+    SamplingParams(temperature=0.8, max_tokens=20, logprobs=1, n=2, seed=0),
+    SamplingParams(use_beam_search=True, best_of=2, n=2, temperature=0.0, max_tokens=20),
+], use_tqdm=False)
+for name, res in (("n=2, temperature=0.8", sampled), ("beam search, n=2", beams)):
+    for i, completion in enumerate(res.outputs):
+        print(f"{name:>20} #{i + 1}: {completion.text!r} (cumulative logprob {completion.cumulative_logprob:.2f})")
+assert len(sampled.outputs) == len(beams.outputs) == 2
 
 # %% [markdown]
 # ## `RequestOutput`
@@ -120,8 +150,11 @@ assert m.model_forward_time <= m.model_execute_time <= m.finished_time - m.arriv
 #
 # 24 requests with different lengths, at most 6 running at once (`max_num_seqs=6`, set when
 # the engine was created). For each request: time in the queue, time to its first token, then
-# decoding until it finished. We also check the metrics against the trace, which measures the
-# same things from the engine's events.
+# decoding until it finished. On the right, each request's end-to-end latency against its
+# place in the batch, coloured by its length: the engine takes requests first come, first
+# served, so a later request waits for a free place, and among requests that start together
+# the longer ones take more steps. We also check the metrics against the trace, which measures
+# the same things from the engine's events.
 
 # %%
 lengths = [6 + (5 * i) % 19 for i in range(24)]
@@ -129,12 +162,7 @@ with llm.trace() as trace:
     batch = llm.generate([f"Story number {i}:" for i in range(24)],
                           [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],
                           use_tqdm=False)
-t0 = min(o.metrics.arrival_time for o in batch)
-rows = [{"request": o.request_id, "queue": o.metrics.time_in_queue,
-         "to first token": o.metrics.first_token_time - o.metrics.first_scheduled_time,
-         "decode": o.metrics.finished_time - o.metrics.first_token_time,
-         "start": o.metrics.arrival_time - t0, "tokens": len(o.outputs[0].token_ids)} for o in batch]
-met = pd.DataFrame(rows)
+met = demos.latency_by_queue_position(batch)   # one row per request, in submission order
 
 fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.5), layout="constrained")
 left = met["start"].to_numpy()
@@ -146,14 +174,23 @@ ax.set_xlabel("ms since the batch was submitted")
 ax.set_ylabel("request")
 ax.legend()
 ax.set_title("each request's life, from RequestMetrics")
-ax2.scatter(met["tokens"], (met["queue"] + met["to first token"] + met["decode"]) * 1e3)
-ax2.set_xlabel("output tokens")
+points = ax2.scatter(met["position"], met["end to end"] * 1e3, c=met["tokens"], cmap="viridis", s=45)
+fig.colorbar(points, ax=ax2, label="output tokens")
+ax2.set_xlabel("position in the batch (submission order)")
 ax2.set_ylabel("end-to-end latency (ms)")
 ax2.set_title("later and longer requests finish later")
 plt.show()
 
 # %%
 req = trace.requests().set_index("request_id")
+# the chart's two claims, in numbers: latency rises with the position in the queue, and among
+# the first six (they start together) it rises with the number of tokens
+by_position = demos.rank_correlation(met["position"], met["end to end"])
+first_wave = met[(req.loc[met["request"], "first_scheduled_step"] == req["first_scheduled_step"].min()).to_numpy()]
+by_length = demos.rank_correlation(first_wave["tokens"], first_wave["end to end"])
+print(f"rank correlation of latency with queue position: {by_position:.2f}; "
+      f"with tokens among the {len(first_wave)} that started at once: {by_length:.2f}")
+assert by_position > 0.7 and by_length > 0.9
 queued = met[met["queue"] > 0.001]
 print(f"{len(queued)} requests waited in the queue (max_num_seqs=6 lets only 6 run at once)")
 assert len(queued) >= 12

@@ -15,7 +15,9 @@
 # Finally, how much memory do the model and its KV cache take on your device?
 
 # %%
+import contextlib
 import gc
+import io
 import time
 
 import matplotlib.pyplot as plt
@@ -23,7 +25,7 @@ import pandas as pd
 import torch
 
 import labengine
-from labengine import LLM, SamplingParams, viz
+from labengine import LLM, SamplingParams, demos, viz
 from labengine.grading import check_same_greedy
 from labengine.utils import is_cpu
 
@@ -186,9 +188,30 @@ plt.show()
 # What takes memory: the **weights** (fixed), the **KV cache** (allocated up front, as many
 # blocks as configured), the **swap pool** (allocated on first use), and the activations of
 # the step being run (temporary). On a GPU, `torch.cuda.memory_allocated()` reports what
-# PyTorch holds; on a CPU we add the tensors up ourselves. Note that a CPU tensor created with
+# PyTorch holds; a CPU has no CUDA memory to report, and the lesson's `print_gpu_memory()` prints
+# nothing at all (try it below). So we add the tensors up ourselves. Note that a CPU tensor created with
 # `torch.empty` takes address space at once but physical RAM only when it is first written,
 # so the operating system may report less than this.
+
+# %%
+def print_gpu_memory():
+    """The lesson's memory_management.py helper, as written there."""
+    if torch.cuda.is_available():
+        allocated = torch.cuda.memory_allocated() / 1e9
+        reserved = torch.cuda.memory_reserved() / 1e9
+        print(f"GPU Memory - Allocated: {allocated:.2f}GB, Reserved: {reserved:.2f}GB")
+
+captured = io.StringIO()
+with contextlib.redirect_stdout(captured):
+    print_gpu_memory()
+print(f"the lesson's print_gpu_memory() printed: {captured.getvalue().strip()!r}")
+if is_cpu():
+    # no CUDA device: its `if` is False and the function prints nothing at all
+    assert captured.getvalue() == ""
+    print("nothing: on a CPU torch.cuda has no memory to report. The table below counts the tensors instead.")
+
+# %% [markdown]
+# What works on any device: ask the engine's tensors how big they are.
 
 # %%
 def tensor_mib(t):
@@ -210,9 +233,7 @@ if not is_cpu():
 memory
 
 # %%
-ax = memory[["weights MiB", "KV cache MiB", "swap pool MiB"]].plot.barh(stacked=True, figsize=(8, 2.8))
-ax.set_xlabel("MiB")
-ax.set_xscale("symlog")
+ax = demos.plot_memory(memory)   # stacked bars on a linear axis: lengths add up
 plt.show()
 assert memory.loc["24-block recompute", "KV cache MiB"] < memory.loc["default cache", "KV cache MiB"]
 
