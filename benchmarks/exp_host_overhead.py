@@ -66,7 +66,8 @@ def worker(args):
     from labengine import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype="float32", skip_tokenizer_init=True, max_model_len=256,
-              max_num_seqs=256, max_num_batched_tokens=16384, device="cpu", seed=0)
+              max_num_seqs=256, max_num_batched_tokens=16384, device="cpu", seed=0,
+              async_scheduling=args.async_scheduling)
     engine = llm.llm_engine
     steps = [0]
     step = engine.step
@@ -113,7 +114,7 @@ def worker(args):
                   best_s=min(times), median_s=statistics.median(times),
                   best_ms_per_step=1e3 * min(times) / nsteps,
                   best_host_ms_per_step=1e3 * min(hosts) / nsteps)
-    if args.profile or args.profile_out:
+    if args.profile or args.profile_out or args.calls:
         import cProfile
         import pstats
 
@@ -123,6 +124,8 @@ def worker(args):
         prof.disable()
         if args.profile_out:
             prof.dump_stats(args.profile_out)
+        stats = pstats.Stats(prof)
+        result["calls_per_step"] = stats.total_calls / steps[0]  # a noise-free measure of Python work
         if args.profile:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(20)
     return result
@@ -140,6 +143,10 @@ def compare(args):
             env = dict(os.environ, PYTHONPATH=trees[name])
             cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--repeats", str(args.repeats),
                    "--num-seqs", str(args.num_seqs), "--json"]
+            if args.async_scheduling:
+                cmd.append("--async-scheduling")
+            if r == 0:  # one profiled run per tree: Python function calls per step
+                cmd.append("--calls")
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             assert res["labengine"].startswith(trees[name]), (name, res["labengine"])
@@ -152,6 +159,8 @@ def compare(args):
               flush=True)
     for name in ("old", "new"):
         print(f"{name}: {trees[name]} -> labengine from {rows[name][0]['labengine']}")
+    co, cn = rows["old"][0]["calls_per_step"], rows["new"][0]["calls_per_step"]
+    print(f"Python function calls per step (cProfile, one run each): old {co:.0f}, new {cn:.0f}, new/old {cn / co:.4f}")
     for key, label in (("best_ms_per_step", "whole step"), ("best_host_ms_per_step", "step without the forward")):
         best = {k: min(x[key] for x in v) for k, v in rows.items()}
         ratios = [n[key] / o[key] for o, n in zip(rows["old"], rows["new"])]
@@ -169,7 +178,11 @@ def main():
     ap.add_argument("--model", help="model folder (made here if missing)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile top 20 of one more run")
     ap.add_argument("--profile-out", help="save that run's cProfile stats to this file")
+    ap.add_argument("--calls", action="store_true", help="profile one more run for its function calls per step")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="async_scheduling=True (the default on CUDA): the next decode step is scheduled "
+                         "and launched before the previous one is processed")
     args = ap.parse_args()
     if args.compare:
         return compare(args)
@@ -181,6 +194,8 @@ def main():
     if args.json:
         print(json.dumps(res))
     else:
+        if "calls_per_step" in res:
+            print(f"{res['calls_per_step']:.0f} Python function calls per step (cProfile)")
         print(f"labengine from {res['labengine']}: {res['steps']} steps, {res['tokens']} output tokens, "
               f"best {res['best_s']:.3f} s (median {res['median_s']:.3f} s), "
               f"{res['best_ms_per_step']:.3f} ms/step, {res['best_host_ms_per_step']:.3f} ms/step without the forward")
