@@ -9,6 +9,9 @@ host's Python: scheduler, block manager, input preparation, sampling bookkeeping
 processing, events. The workload has throughput.py's shape, scaled down: 256 requests with
 prompts of 16..64 random tokens and 64..128 output tokens each (seed 0), temperature 0.6,
 ignore_eos, max_num_seqs 256, so almost every step is a decode step over a large batch.
+Times are the CPU time of the engine's thread (time.thread_time: with one torch thread
+everything runs on it), which leaves out the time other programs hold the core on a shared
+machine; --wall uses the wall clock instead.
 
 Single-tree mode imports labengine from wherever Python finds it (PYTHONPATH first; the path
 is printed), runs one warm-up generate and `--repeats` timed ones, and prints the least
@@ -61,6 +64,10 @@ def workload(num_seqs, prompt_lens=(16, 64), output_lens=(64, 128), seed=0):
 def worker(args):
     import torch
 
+    # CPU time of this thread (everything runs on it: one torch thread) or wall time: on a
+    # shared machine the CPU time leaves out the time other processes hold the core.
+    clock = time.perf_counter if args.wall else time.thread_time
+
     torch.set_num_threads(1)
     import labengine
     from labengine import LLM, SamplingParams
@@ -83,11 +90,11 @@ def worker(args):
     forward = model.forward
 
     def timed_forward(*a, **kw):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return forward(*a, **kw)
         finally:
-            forward_s[0] += time.perf_counter() - t0
+            forward_s[0] += clock() - t0
 
     forward_s = [0.0]
     model.forward = timed_forward  # nn.Module.__call__ looks forward up on the instance
@@ -98,9 +105,9 @@ def worker(args):
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=o, detokenize=False) for o in outputs]
         steps[0] = 0
         forward_s[0] = 0.0
-        t0 = time.perf_counter()
+        t0 = clock()
         outs = llm.generate(requests, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         assert [len(o.outputs[0].token_ids) for o in outs] == outputs
         return dt, forward_s[0], steps[0]
 
@@ -145,6 +152,8 @@ def compare(args):
                    "--num-seqs", str(args.num_seqs), "--json"]
             if args.async_scheduling:
                 cmd.append("--async-scheduling")
+            if args.wall:
+                cmd.append("--wall")
             if r == 0:  # one profiled run per tree: Python function calls per step
                 cmd.append("--calls")
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -178,6 +187,7 @@ def main():
     ap.add_argument("--model", help="model folder (made here if missing)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile top 20 of one more run")
     ap.add_argument("--profile-out", help="save that run's cProfile stats to this file")
+    ap.add_argument("--wall", action="store_true", help="time with the wall clock instead of the thread's CPU time")
     ap.add_argument("--calls", action="store_true", help="profile one more run for its function calls per step")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     ap.add_argument("--async-scheduling", action="store_true",
