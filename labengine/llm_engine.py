@@ -300,16 +300,18 @@ class LLMEngine:
             t4 = time.perf_counter()
             sample_s = step.sample_launch_s + t4 - t3
             bm = self.scheduler.block_manager
+            caching = bm.enable_caching  # (hoisted: this loop runs for every sequence of every step)
             for sched in out.scheduled_seq_groups:
                 group = sched.seq_group
                 if group.metrics.finished_time is not None:
                     continue
+                sizes = sched.chunk_sizes
                 for seq in group.get_seqs(SequenceStatus.RUNNING):
-                    if sched.chunk_sizes is None:
+                    if sizes is None:
                         seq.num_computed_tokens = seq.get_len()
                     else:  # a prompt chunk (chunked prefill): the rest comes in later steps
-                        seq.num_computed_tokens += sched.chunk_sizes[seq.seq_id]
-                    if bm.enable_caching:
+                        seq.num_computed_tokens += sizes[seq.seq_id]
+                    if caching:
                         bm.mark_blocks_computed(seq)
             for group_to_sample, group_output in to_process:
                 try:
