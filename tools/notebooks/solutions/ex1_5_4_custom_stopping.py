@@ -155,14 +155,23 @@ for prompt, kw in [("", {}), (PROMPT, dict(max_tokens=0)), (PROMPT, dict(min_tok
 
 # %% tags=["check"]
 # Check 4: safe_generate catches what is invalid and only that
+def _safe_generate(_prompt, **_kw):
+    try:
+        return safe_generate(llm, _prompt, **_kw)
+    except ValueError as _e:
+        check(f"safe_generate({_prompt!r}, **{_kw}) returns the error", False, f"it raised ValueError: {_e}",
+              hint="SamplingParams(**kwargs) raises the ValueError of invalid parameters: build it inside the try too")
+
 for _prompt, _kw, _word in [("", {}, "empty"), (PROMPT, dict(max_tokens=0), "max_tokens"),
                             (PROMPT, dict(min_tokens=10, max_tokens=5), "min_tokens"),
                             (PROMPT, dict(stop=[""]), "stop"), (PROMPT, dict(top_p=0.0), "top_p")]:
-    _out, _err = safe_generate(llm, _prompt, **_kw)
+    _out, _err = _safe_generate(_prompt, **_kw)
     check(f"safe_generate({_prompt!r}, **{_kw}) returns the error",
           _out is None and isinstance(_err, str) and _word in _err.lower(), repr(_err))
-_out, _err = safe_generate(llm, PROMPT, temperature=0.0, max_tokens=8, stop=["@@@"], ignore_eos=True)
+_out, _err = _safe_generate(PROMPT, temperature=0.0, max_tokens=8, stop=["@@@"], ignore_eos=True)
 check("a stop string that never appears is fine", _err is None and _out is not None, "no error")
+check("on success it returns the RequestOutput", type(_out).__name__ == "RequestOutput", f"a {type(_out).__name__}",
+      hint="return llm.generate([prompt], params)[0], the RequestOutput (not one of its completions)")
 check_equal("... and the request ends by length", (_out.outputs[0].finish_reason, len(_out.outputs[0].token_ids)),
             ("length", 8))
 check_equal("... with the greedy tokens", _out.outputs[0].token_ids, reference.token_ids[:8])
