@@ -458,8 +458,11 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> dict:
                 cell.source = original
 
     def on_cell_executed(cell, cell_index, execute_reply, **_):
-        runs.setdefault(cell_index, {"status": None, "nonce": None})["status"] = \
-            (execute_reply or {}).get("content", {}).get("status")
+        content = (execute_reply or {}).get("content", {})
+        run = runs.setdefault(cell_index, {"status": None, "nonce": None})
+        run["status"] = content.get("status")
+        if run["status"] == "error":  # the kernel's own account, even when the notebook hid the traceback
+            run["ename"], run["evalue"] = content.get("ename"), content.get("evalue")
 
     client = GradingClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
                            on_cell_executed=on_cell_executed, resources={"metadata": {"path": str(cwd)}})
@@ -504,14 +507,19 @@ def report(nb: nbformat.NotebookNode, runs: "dict | None" = None, findings: "lis
                 run = runs.get(i, {})
                 completed = bool(run.get("nonce")) and f"{NONCE_MARK} {run['nonce']}" in text.splitlines()
                 if error is None and run.get("status") != "ok":
-                    error = ("the check did not complete: the kernel reported "
-                             f"{run.get('status') or 'no reply'} but showed no error (was the exception hidden?)")
+                    if run.get("ename"):
+                        error = (f"{run['ename']}: {run.get('evalue') or ''}".strip() + "\n  (the kernel "
+                                 "reported this error, but the notebook showed none: something hid it)")
+                    else:
+                        error = ("the check did not complete: the kernel reported "
+                                 f"{run.get('status') or 'no reply'} but showed no error (was the exception hidden?)")
                 elif error is None and not completed:
                     error = "the check did not run to its end (its completion line is missing)"
                 passed = error is None
-            if passed and findings:
+            if findings:  # whatever the check did, it cannot be trusted
                 passed = False
-                error = "not graded: " + findings[0]["what"] + f" (cell [{findings[0]['number']}])"
+                error = "not graded: your code " + findings[0]["what"] + f" (cell [{findings[0]['number']}])" + \
+                    (f"\n  the check itself: {error.splitlines()[0]}" if error else "")
             checks.append({"name": check_name(cell, k), "cell": i, "number": numbers[i], "passed": passed,
                            "verified": verified, "error": error})
         elif err is not None:

@@ -37,12 +37,15 @@ for c in five.outputs:
 
 # %% tags=["check"]
 # Check 1: one request, five completions
-check_equal("five is a RequestOutput of PROMPT", (type(five).__name__, five.prompt), ("RequestOutput", PROMPT))
+check("five is one RequestOutput, not the list generate returns", type(five).__name__ == "RequestOutput",
+      f"a {type(five).__name__}", hint="llm.generate returns a list with one RequestOutput per prompt: take its [0]")
+check_equal("five.prompt is PROMPT", five.prompt, PROMPT)
 check_equal("N completions", len(five.outputs), N)
 _ref = llm.generate([PROMPT], SamplingParams(n=N, temperature=0.8, max_tokens=MAX_TOKENS, seed=SEED), use_tqdm=False)[0]
 check("generated with temperature 0.8, MAX_TOKENS and SEED",
       sorted(c.token_ids for c in five.outputs) == sorted(c.token_ids for c in _ref.outputs),
-      "the same five completions as the reference request")
+      "the same five completions as the reference request",
+      hint="one request: SamplingParams(n=N, temperature=0.8, max_tokens=MAX_TOKENS, seed=SEED)")
 
 # %% [markdown]
 # ## Task 2: a diversity score

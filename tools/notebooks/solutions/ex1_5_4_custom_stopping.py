@@ -62,6 +62,9 @@ check_equal("with include_stop_str_in_output the text ends with STOP", stopped_k
 #    with `max_tokens=32` and `stop=[STOP2]`; it stops at the first occurrence. `forced`: the
 #    same, plus `min_tokens=MIN_TOKENS`, with `MIN_TOKENS` larger than the number of tokens
 #    `early` has, so that the first occurrence **cannot** stop it; it stops at a later one.
+#    Look at `forced.text`: does it end just before a later `STOP2`? (Like vLLM, the engine
+#    looks for a stop string in each new token's text *plus the few characters before it*,
+#    so one token past the first occurrence may still find that first one.)
 #
 # Store the three `CompletionOutput`s and print their lengths, finish reasons and texts.
 
@@ -71,7 +74,8 @@ short = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=7), us
 STOP2 = next(w for w in reference.text.split() if reference.text.count(w) >= 2)
 early = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2]),
                      use_tqdm=False)[0].outputs[0]
-MIN_TOKENS = len(early.token_ids) + 1
+# two tokens past: one past would still see the first STOP2 in the characters before the new token
+MIN_TOKENS = len(early.token_ids) + 2
 forced = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=32, stop=[STOP2], min_tokens=MIN_TOKENS),
                       use_tqdm=False)[0].outputs[0]
 for c in (short, early, forced):
@@ -97,10 +101,14 @@ check_equal("forced was generated with stop=[STOP2] and min_tokens=MIN_TOKENS",
             (forced.token_ids, forced.finish_reason, forced.stop_reason),
             (_forced.token_ids, _forced.finish_reason, _forced.stop_reason),
             hint="generate PROMPT greedily with max_tokens=32, stop=[STOP2] and min_tokens=MIN_TOKENS")
+_cut = len(forced.text)
 check("forced stopped at a later STOP2", forced.finish_reason == "stop" and forced.stop_reason == STOP2
-      and len(forced.token_ids) >= MIN_TOKENS,
-      f"finish_reason={forced.finish_reason!r} after {len(forced.token_ids)} tokens (min_tokens={MIN_TOKENS})",
-      hint="choose MIN_TOKENS so that a later occurrence of STOP2 still lies within the 32 tokens")
+      and len(forced.token_ids) >= MIN_TOKENS and _cut > reference.text.find(STOP2)
+      and reference.text.startswith(forced.text + STOP2),
+      f"finish_reason={forced.finish_reason!r} after {len(forced.token_ids)} tokens (min_tokens={MIN_TOKENS}), "
+      f"text {forced.text!r}; the first {STOP2!r} is at character {reference.text.find(STOP2)}",
+      hint="forced.text must end just before a later STOP2; if it stopped at the first one, raise MIN_TOKENS "
+           "(a later occurrence must still lie within the 32 tokens)")
 
 # %% [markdown]
 # ## Task 3: counting finish reasons
@@ -155,14 +163,23 @@ for prompt, kw in [("", {}), (PROMPT, dict(max_tokens=0)), (PROMPT, dict(min_tok
 
 # %% tags=["check"]
 # Check 4: safe_generate catches what is invalid and only that
+def _safe_generate(_prompt, **_kw):
+    try:
+        return safe_generate(llm, _prompt, **_kw)
+    except ValueError as _e:
+        check(f"safe_generate({_prompt!r}, **{_kw}) returns the error", False, f"it raised ValueError: {_e}",
+              hint="SamplingParams(**kwargs) raises the ValueError of invalid parameters: build it inside the try too")
+
 for _prompt, _kw, _word in [("", {}, "empty"), (PROMPT, dict(max_tokens=0), "max_tokens"),
                             (PROMPT, dict(min_tokens=10, max_tokens=5), "min_tokens"),
                             (PROMPT, dict(stop=[""]), "stop"), (PROMPT, dict(top_p=0.0), "top_p")]:
-    _out, _err = safe_generate(llm, _prompt, **_kw)
+    _out, _err = _safe_generate(_prompt, **_kw)
     check(f"safe_generate({_prompt!r}, **{_kw}) returns the error",
           _out is None and isinstance(_err, str) and _word in _err.lower(), repr(_err))
-_out, _err = safe_generate(llm, PROMPT, temperature=0.0, max_tokens=8, stop=["@@@"], ignore_eos=True)
+_out, _err = _safe_generate(PROMPT, temperature=0.0, max_tokens=8, stop=["@@@"], ignore_eos=True)
 check("a stop string that never appears is fine", _err is None and _out is not None, "no error")
+check("on success it returns the RequestOutput", type(_out).__name__ == "RequestOutput", f"a {type(_out).__name__}",
+      hint="return llm.generate([prompt], params)[0], the RequestOutput (not one of its completions)")
 check_equal("... and the request ends by length", (_out.outputs[0].finish_reason, len(_out.outputs[0].token_ids)),
             ("length", 8))
 check_equal("... with the greedy tokens", _out.outputs[0].token_ids, reference.token_ids[:8])

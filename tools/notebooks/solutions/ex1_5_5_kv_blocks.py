@@ -139,6 +139,11 @@ print("usage    predicted", predicted_usage, "\n         measured ", measured_us
 _df = trace.to_dataframe()
 check_equal("the trace holds the six requests", sorted(_df.loc[_df["event"] == "request_added", "request_id"].tolist()),
             sorted(o.request_id for o in outputs))
+_st = _df[_df["event"] == "step_finished"]
+check_equal("the six requests ran as one batch: the first step prefilled all of them", int(_st.iloc[0]["batch_size"]),
+            len(PROMPTS), hint="run all of PROMPTS with PARAMS in one llm.generate call inside the `with` block")
+check_equal("each request generated its OUTPUT_LENS tokens", [len(o.outputs[0].token_ids) for o in outputs],
+            OUTPUT_LENS, hint="generate with PARAMS, the list of one SamplingParams per prompt")
 _peaks = peak_blocks_per_request(_df)
 check_equal("measured_peaks read from the trace", list(measured_peaks), [_peaks[o.request_id] for o in outputs])
 check_equal("predicted peaks = measured peaks", list(predicted_peaks), list(measured_peaks))

@@ -149,6 +149,9 @@ check_equal("arrived_last(df, r, holders) for each holder r, in arrival order",
 _all = sorted(set(_order), key=_order.index)
 check_equal("arrived_last(df, r, all requests) for each request r", [bool(arrived_last(_df, _r, set(_all))) for _r in _all],
             [_r == _all[-1] for _r in _all])
+check_equal("arrived_last(df, r, among) with among = every request but the last, for each r in it",
+            [bool(arrived_last(_df, _r, set(_all[:-1]))) for _r in _all[:-1]], [_r == _all[-2] for _r in _all[:-1]],
+            hint="arrived_last compares request_id with the requests in `among` only")
 check_equal("freed_by_preemption",
             int(freed_by_preemption), int(((_df["event"] == "block_freed") & (_df["reason"] == "preempted")).sum()))
 _pf = int(_df.loc[_df["event"] == "step_finished", "num_prefill_tokens"].sum())
