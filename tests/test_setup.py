@@ -281,6 +281,9 @@ def test_the_grading_kernel_never_has_the_repo_root_on_pythonpath():
     assert env["PYTHONPATH"] == "/opt/x" and env["HOME"] == "/h" and env["MPLBACKEND"] == "Agg"
     assert "PYTHONPATH" not in grade.kernel_env({"PYTHONPATH": str(ROOT)})
     assert "PYTHONPATH" not in grade.kernel_env({})
+    # one PyTorch thread for the exercises' small model, unless the learner chose a count
+    assert grade.kernel_env({})["OMP_NUM_THREADS"] == "1"
+    assert grade.kernel_env({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
 
 
 def test_ci_runs_the_lab_install_job():

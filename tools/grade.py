@@ -424,6 +424,11 @@ def kernel_env(environ=None) -> dict:
     if kept:
         env["PYTHONPATH"] = os.pathsep.join(kept)
     env.setdefault("MPLBACKEND", "Agg")
+    # One PyTorch thread unless the learner set a count: the exercises run the embedded
+    # ~7 M-parameter model, whose steps a second thread does not speed up, and on a busy
+    # laptop threads waiting for each other turned a 0.2 s call into 4-8 s (see
+    # labengine/cpu_threads.py), enough to push a timing check past its margin.
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
