@@ -227,9 +227,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
                                          return_tokens_as_token_ids=return_tokens_as_token_ids)
     chat = OpenAIServingChat(engine, served_model_name, chat_template=chat_template, metrics=metrics,
                              return_tokens_as_token_ids=return_tokens_as_token_ids)
-    completion.server_state = chat.server_state = state
     tokenization = OpenAIServingTokenization(engine, served_model_name, chat_template=chat_template,
                                              max_model_len=max_model_len)
+    completion.server_state = chat.server_state = tokenization.server_state = state
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError):
@@ -317,7 +317,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: Optional[
     # vLLM's extras, outside /v1 as in vLLM 0.5.4 (but behind the API key when there is one)
     @app.post("/tokenize", dependencies=dependencies)
     async def tokenize(req: Union[TokenizeCompletionRequest, TokenizeChatRequest]):
-        return tokenization.tokenize(req)
+        return await tokenization.tokenize(req)
 
     @app.post("/detokenize", dependencies=dependencies)
     async def detokenize(req: DetokenizeRequest):

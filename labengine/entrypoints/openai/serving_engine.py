@@ -79,6 +79,11 @@ def param_of(exc: BaseException, prompt_param: str = "prompt", rename: Optional[
     return (rename or {}).get(field, field)
 
 
+def field_error(exc: BaseException) -> OpenAIError:
+    """A 400 for a ValueError that names its field (SamplingParamsValueError.param), if any."""
+    return OpenAIError(str(exc), param=getattr(exc, "param", None))
+
+
 # The id of the HTTP request being served (set by api_server's middleware, sent back as the
 # X-Request-Id header); an internal error names it so the log line can be found.
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("current_request_id", default="-")
@@ -404,7 +409,7 @@ class OpenAIServing:
         try:
             processors = get_logits_processors(logit_bias, allowed_token_ids, vocab_size)
         except ValueError as e:
-            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
+            raise field_error(e) from None
         if guided is not None:
             processors.append(self.guided_processor(guided))
         if processors:
@@ -439,7 +444,7 @@ class OpenAIServing:
             check_guided_decoding_count(req)
             return guided_request_of(req, tool_parameters)
         except ValueError as e:
-            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
+            raise field_error(e) from None
 
     def guided_processor(self, guided):
         """The llguidance logits processor of one request (a 400 naming the field when the spec is bad)."""
@@ -451,7 +456,7 @@ class OpenAIServing:
                 guided, self.tokenizer, llm_engine.model_runner.vocab_size, llm_engine.eos_token_ids,
                 backend=guided.guided_decoding_backend or llm_engine.guided_decoding_backend)
         except ValueError as e:
-            raise OpenAIError(str(e), param=getattr(e, "param", None)) from None
+            raise field_error(e) from None
 
     @staticmethod
     def engine_error(e: BaseException, prompt_param: str, rename=None) -> OpenAIError:

@@ -4,11 +4,13 @@
 completions endpoint does) or a chat-style `{"messages"}` (rendered by the chat template,
 no extra special tokens by default) and answers the token ids, their count and the
 server's max_model_len; `/detokenize` turns `{"tokens"}` back into `{"prompt"}`.
-Out-of-vocabulary ids are a 400 naming `tokens`.
+Out-of-vocabulary ids are a 400 naming `tokens`. The template renders and the prompt
+tokenizes on the server's worker threads, as for the other endpoints (serving_engine.py).
 """
 from __future__ import annotations
 
-from labengine.entrypoints.openai.chat_utils import apply_chat_template
+import asyncio
+
 from labengine.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest,
                                                    TokenizeResponse)
 from labengine.entrypoints.openai.serving_engine import OpenAIError, OpenAIServing
@@ -26,7 +28,7 @@ class OpenAIServingTokenization(OpenAIServing):
             raise OpenAIError("this server has no tokenizer (skip_tokenizer_init=True)")
         return self.tokenizer
 
-    def tokenize(self, req) -> dict:
+    async def tokenize(self, req) -> dict:
         self.check_model(req.model)
         tokenizer = self._need_tokenizer()
         if isinstance(req, TokenizeChatRequest):
@@ -34,10 +36,12 @@ class OpenAIServingTokenization(OpenAIServing):
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             except ValueError as e:
                 raise OpenAIError(str(e), param="messages") from None
-            prompt = apply_chat_template(tokenizer, messages, req.add_generation_prompt, self.chat_template)
+            prompt = await self.render_chat_prompt(messages, req, self.chat_template)
         else:
             prompt = req.prompt
-        ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+        own = self.state.own_tokenizer(tokenizer)
+        ids = await asyncio.get_running_loop().run_in_executor(
+            self.state.tokenize_pool, lambda: own.encode(prompt, add_special_tokens=req.add_special_tokens))
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._max_model_len or self.max_model_len).model_dump()
 
     def detokenize(self, req: DetokenizeRequest) -> dict:
