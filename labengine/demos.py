@@ -113,8 +113,7 @@ def latency_by_queue_position(batch) -> pd.DataFrame:
 
 def rank_correlation(x, y) -> float:
     """Spearman's rank correlation (ties get their average rank)."""
-    rx, ry = pd.Series(np.asarray(x)).rank(), pd.Series(np.asarray(y)).rank()
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(pd.Series(np.asarray(x, dtype=float)).corr(pd.Series(np.asarray(y, dtype=float)), method="spearman"))
 
 
 # --- notebook 08: memory -------------------------------------------------------------------
@@ -130,11 +129,12 @@ def plot_memory(memory: pd.DataFrame, ax=None):
         _, ax = plt.subplots(figsize=(9, 0.7 * len(memory) + 1.6), layout="constrained")
     left = np.zeros(len(memory))
     y = np.arange(len(memory))
+    smallest_label = 0.05 * max(1e-9, memory[MEMORY_PARTS].sum(axis=1).max())  # narrower parts go unlabelled
     for part, color in zip(MEMORY_PARTS, ("#1f77b4", "#ff7f0e", "#2ca02c")):
         width = memory[part].fillna(0).to_numpy(dtype=float)
         bars = ax.barh(y, width, left=left, color=color, label=part.replace(" MiB", ""))
-        ax.bar_label(bars, labels=[f"{w:.1f}" if w >= 0.05 * max(1e-9, (memory[MEMORY_PARTS].sum(axis=1)).max())
-                                   else "" for w in width], label_type="center", fontsize=9)
+        ax.bar_label(bars, labels=[f"{w:.1f}" if w >= smallest_label else "" for w in width],
+                     label_type="center", fontsize=9)
         left = left + width
     ax.set_yticks(y, memory.index)
     ax.invert_yaxis()
