@@ -34,6 +34,11 @@ import triton.language as tl
 
 from .decode_attention import LOG2E, dot, dot_ieee
 
+try:  # TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 
 @triton.jit
 def dot_acc(a, b, acc, IEEE: tl.constexpr):
@@ -100,11 +105,68 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_new_tile(
+    q, acc, m_i, l_i,  # as in _attend_tile
+    j0, q_start, q_len,  # first new key of the tile (0 = the sequence's first new token); its row offset; new keys
+    offs_m,  # [BLOCK_M] each query row's index among the new tokens
+    K_new, V_new,  # [T, Hkv, D] the step's keys/values (NEW_KV == 1), offset to this KV head
+    desc_k, desc_v,  # TMA descriptors over [T, Hkv * D], block [BLOCK_N, D] (NEW_KV == 2)
+    kv_col,  # column of this KV head in the descriptors' rows (kvh * D)
+    sm_scale_log2,
+    stride_knt, stride_vnt,  # token strides of K_new and V_new
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IEEE: tl.constexpr, NEW_KV: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
+):
+    """One tile of BLOCK_N new keys (rows q_start + j0 .. of the step's K/V) into the online softmax."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    j = j0 + offs_n
+    mask_d = offs_d < HEAD_DIM
+    mask_n = j < q_len
+    rows = (q_start + j).to(tl.int64)
+    if NEW_KV == 2:
+        # TMA: the copy engine fetches the [BLOCK_N, D] tile; rows past the step's last token
+        # come back as zeros, rows of the next sequence are masked out below
+        k = desc_k.load([q_start + j0, kv_col]).T
+    elif MASKED:
+        k = tl.load(K_new + rows[None, :] * stride_knt + offs_d[:, None],
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    else:
+        k = tl.load(K_new + rows[None, :] * stride_knt + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+    qk = dot(q, k, DOT_IEEE)
+    if MASKED:  # causal among the new tokens, and the sequence's end
+        keep = (j[None, :] <= offs_m[:, None]) & mask_n[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
+    p = tl.math.exp2(qk * sm_scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if NEW_KV == 2:
+        v = desc_v.load([q_start + j0, kv_col])
+    elif MASKED:
+        v = tl.load(V_new + rows[:, None] * stride_vnt + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:
+        v = tl.load(V_new + rows[:, None] * stride_vnt + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    if NEW_KV == 2 and MASKED:
+        # zero the rows of the next sequence: their p is 0, but 0 * (a NaN or inf there) is not
+        v = tl.where(mask_n[:, None], v, 0.0)
+    acc = acc * alpha[:, None]
+    acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     Q,  # [T, Hq, D] new query tokens of all sequences, flattened; last dim contiguous
     K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache (new keys already stored)
     V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache (same block/token strides as K)
     Out,  # [T, Hq, D] output
+    K_new,  # [T, Hkv, D] the step's new keys (NEW_KV == 1; rows may be strided views of a fused QKV)
+    V_new,  # [T, Hkv, D] the step's new values (NEW_KV == 1)
+    desc_k,  # TMA descriptor of K_new as [T, Hkv * D], block [BLOCK_N, D] (NEW_KV == 2)
+    desc_v,  # TMA descriptor of V_new, same shape and block (NEW_KV == 2)
     Block_tables,  # [B, max_blocks] int32
     Query_start_loc,  # [B + 1] int32 cumulative query lengths
     Seq_lens,  # [B] int32 context + new tokens
@@ -114,6 +176,7 @@ def _prefill_kernel(
     stride_vh,
     stride_ot, stride_oh,
     stride_bt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
@@ -122,6 +185,7 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     TABLE_AHEAD: tl.constexpr,  # read the next tile's block-table entries one tile ahead
     DOT_IEEE: tl.constexpr,
+    NEW_KV: tl.constexpr,  # new keys from: 0 the paged cache, 1 K_new/V_new (pointers), 2 their TMA descriptors
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -158,6 +222,49 @@ def _prefill_kernel(
     k_head = K_cache + kvh * stride_kh
     v_head = V_cache + kvh * stride_vh
 
+    if NEW_KV != 0:
+        # the context (cached prefix, earlier chunks) through the block table, visible to every
+        # row: whole tiles without masks, then the partial last tile masked at ctx
+        ctx_whole = ctx // BLOCK_N * BLOCK_N
+        pages = _key_pages(bt_row, 0, ctx, BLOCK_N, PAGE_SIZE)
+        for n0 in range(0, ctx_whole, BLOCK_N):
+            if TABLE_AHEAD:
+                next_pages = _key_pages(bt_row, n0 + BLOCK_N, ctx, BLOCK_N, PAGE_SIZE)
+            else:
+                pages = _key_pages(bt_row, n0, ctx, BLOCK_N, PAGE_SIZE)
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, n0, pages, q_pos, ctx, k_head, v_head, sm_scale_log2,
+                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
+            if TABLE_AHEAD:
+                pages = next_pages
+        if ctx_whole < ctx:
+            pages = _key_pages(bt_row, ctx_whole, ctx, BLOCK_N, PAGE_SIZE)
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, ctx_whole, pages, q_pos, ctx, k_head, v_head, sm_scale_log2,
+                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
+        # the new keys, read where the QKV projection left them (contiguous rows, no block
+        # table): whole tiles before the block's first row, then the diagonal, masked
+        k_new = K_new + kvh * stride_knh
+        v_new = V_new + kvh * stride_vnh
+        first_row = mblk * BLOCK_M
+        diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
+        for j0 in range(0, diag_j, BLOCK_N):
+            acc, m_i, l_i = _attend_new_tile(
+                q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
+                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
+        for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
+            acc, m_i, l_i = _attend_new_tile(
+                q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
+                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True)
+        acc = acc / l_i[:, None]
+        tl.store(
+            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
+        return
+
+    # NEW_KV == 0, every key through the block table.
     # phase 1: whole tiles below the diagonal, no masks
     pages = _key_pages(bt_row, 0, seq_len, BLOCK_N, PAGE_SIZE)
     for n0 in range(0, diag_start, BLOCK_N):
@@ -185,17 +292,40 @@ def _prefill_kernel(
     )
 
 
+NEW_KV_MODES = {"paged": 0, "pointers": 1, "tma": 2}
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """TMA descriptors exist in this triton and on this device (Hopper or newer, or the interpreter)."""
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda":
+        return True  # the interpreter emulates descriptor loads
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool) -> dict:
-    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD."""
+    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv."""
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
-        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True)
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers")
     block_m = 128 if block_d <= 128 else 64
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a 128-row tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     block_n = 64 if block_d <= 128 else 32
     num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=3, table_ahead=True)
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=3, table_ahead=True, new_kv="tma")
+
+
+def _tma_ok(key, value, D, BLOCK_D) -> bool:
+    """TMA can describe key/value as [T, Hkv * D] rows: head size a power of two, a head's
+    channels and the heads of a row contiguous, 16-byte aligned row strides and bases."""
+    if D != BLOCK_D or not _tma_capable(key.device):
+        return False
+    for t in (key, value):
+        if t.stride(-2) != D or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
 
 
 def prefill_attention(
@@ -208,6 +338,9 @@ def prefill_attention(
     scale: float,
     max_query_len: int,  # host int: longest q_len of the step (sizes the grid)
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    key: torch.Tensor | None = None,  # [T, Hkv, D] the step's new keys (already in the cache too)
+    value: torch.Tensor | None = None,  # [T, Hkv, D] the step's new values
+    new_kv: str | None = None,  # where new keys are read: "paged", "pointers", "tma" (None: the config's)
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -239,19 +372,40 @@ def prefill_attention(
     BLOCK_M = max(16, block_m or cfg["block_m"])
     BLOCK_N = max(16, block_n or cfg["block_n"])
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    mode = new_kv or cfg["new_kv"]
+    if mode not in NEW_KV_MODES:
+        raise ValueError(f"new_kv={mode!r}; allowed: {', '.join(map(repr, NEW_KV_MODES))}")
+    if key is None or value is None:
+        if new_kv not in (None, "paged"):
+            raise ValueError(f"new_kv={new_kv!r} needs the step's key and value tensors")
+        mode = "paged"
+    else:
+        assert key.shape == value.shape == (T, Hkv, D) and key.stride(-1) == 1 and value.stride(-1) == 1
+        if mode == "tma" and not _tma_ok(key, value, D, BLOCK_D):
+            if new_kv == "tma":
+                raise ValueError("new_kv='tma' needs a power-of-two head size, [T, Hkv * D] rows with "
+                                 "16-byte aligned strides, and a Hopper GPU (or the interpreter)")
+            mode = "pointers"  # the default falls back where TMA cannot describe the tensors
+    desc_k = desc_v = None
+    if mode == "tma":
+        desc_k, desc_v = (TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [BLOCK_N, D]) for t in (key, value))
+    k_new = key if key is not None else k_cache  # unused by the paged mode (any tensor will do)
+    v_new = value if value is not None else v_cache
     grid = (Hq, B, triton.cdiv(max_query_len, BLOCK_M))
     _prefill_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        query, k_cache, v_cache, out, k_new, v_new, desc_k, desc_v, block_tables, query_start_loc, seq_lens,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
+        k_new.stride(0), k_new.stride(-2), v_new.stride(0), v_new.stride(-2),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size,
         TABLE_AHEAD=cfg["table_ahead"] if table_ahead is None else table_ahead,
         DOT_IEEE=dot_ieee(query.dtype, query.device),
+        NEW_KV=NEW_KV_MODES[mode],
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),

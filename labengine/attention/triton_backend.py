@@ -4,9 +4,10 @@ forward(query, key, value, kv_cache, meta, scale):
   1. `store_kv` writes the step's keys/values into the paged cache at meta.slot_mapping
      (slot -1 skipped);
   2. decode steps (`not meta.is_prefill`, one query token per sequence) run the
-     flash-decoding kernel; prefill steps (prompts, chunked prompts, cached prefixes,
-     recomputation) run the causal varlen prefill kernel. Both read every key through
-     meta.block_tables.
+     flash-decoding kernel, which reads every key through meta.block_tables; prefill steps
+     (prompts, chunked prompts, cached prefixes, recomputation) run the causal varlen
+     prefill kernel, which reads the context through the block table and the step's own
+     keys/values from `key`/`value` where the projection left them.
 
 The decode path is CUDA-graph capturable: it launches kernels only, with grid sizes and
 the split-KV count computed from host integers (query.shape[0] and meta.max_seq_len; the
@@ -84,7 +85,7 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return kernels.prefill_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            max_query_len=meta.max_query_len,
+            max_query_len=meta.max_query_len, key=key, value=value,
         )
 
     def copy_blocks(self, kv_caches, src_to_dst) -> None:

@@ -5,10 +5,30 @@ import pytest
 import torch
 from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
 
-from labengine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from labengine.kernels.prefill_attention import TensorDescriptor, prefill_attention, prefill_attention_ref
+
+# where the kernel reads the step's new keys: through the block table, or from the step's K/V
+# tensors (as the model passes them: strided views of one fused QKV row) by pointers or TMA
+NEW_KV = ["paged", "pointers"] + (["tma"] if TensorDescriptor is not None else [])
 
 
-def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtype, seed, **kw):
+def new_kv_views(query, k_cache, v_cache, table, q_lens, ctx_lens):
+    """The step's new keys/values, gathered from the cache, as strided views of a fused
+    [T, Hq + 2 Hkv, D] QKV buffer (what LlamaAttention hands the backend)."""
+    T, Hq, D = query.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    fused = torch.empty(T, Hq + 2 * Hkv, D, dtype=query.dtype, device=query.device)
+    row = 0
+    for b, (q, c) in enumerate(zip(q_lens, ctx_lens)):
+        pos = torch.arange(c, c + q, device=query.device)
+        slots = table[b].long()[pos // bs] * bs + pos % bs
+        fused[row : row + q, Hq : Hq + Hkv] = k_cache.reshape(-1, Hkv, D)[slots]
+        fused[row : row + q, Hq + Hkv :] = v_cache.reshape(-1, Hkv, D)[slots]
+        row += q
+    return fused[:, Hq : Hq + Hkv], fused[:, Hq + Hkv :]
+
+
+def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtype, seed, new_kv="paged", **kw):
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
     k_cache, v_cache, table = make_paged(seq_lens, num_kv_heads, head_size, block_size, dtype, gen=gen)
@@ -18,7 +38,12 @@ def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, d
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_size**-0.5
     out = torch.full((T, num_heads, head_size), float("nan"), dtype=dtype, device=DEVICE)  # poison
-    prefill_attention(query, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max(q_lens), out=out, **kw)
+    if new_kv != "paged":
+        kw.update(zip(("key", "value"), new_kv_views(query, k_cache, v_cache, table, q_lens, ctx_lens)))
+        if new_kv == "tma" and head_size & (head_size - 1):
+            new_kv = None  # TMA needs a power-of-two head size: the default falls back to pointers
+    prefill_attention(query, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max(q_lens), out=out,
+                      new_kv=new_kv, **kw)
     ref = prefill_attention_ref(query, k_cache, v_cache, table, qsl, lens, scale, compute_dtype=torch.float64)
     assert_close(out, ref, dtype, f"prefill q={q_lens} ctx={ctx_lens} H={num_heads}/{num_kv_heads} D={head_size}")
 
@@ -29,10 +54,11 @@ Q_LENS = [5, 21, 1, 24]
 CTX_LENS = [0, 19, 50, 23]
 
 
+@pytest.mark.parametrize("new_kv", NEW_KV)
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_prefill_head_sizes(head_size, dtype):
-    run_case(Q_LENS, CTX_LENS, 4, 1, head_size, 16, dtype, seed=head_size)  # GQA 4
+def test_prefill_head_sizes(head_size, dtype, new_kv):
+    run_case(Q_LENS, CTX_LENS, 4, 1, head_size, 16, dtype, seed=head_size, new_kv=new_kv)  # GQA 4
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -59,12 +85,13 @@ TILINGS = [
 ]
 
 
+@pytest.mark.parametrize("new_kv", NEW_KV)
 @pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_prefill_tilings(tiling, block_size):
+def test_prefill_tilings(tiling, block_size, new_kv):
     # odd lengths; a 1-token sequence; a prompt of exactly one tile; contexts ending mid-page
     q_lens, ctx = [131, 1, 64, 77], [0, 45, 0, 150]
-    run_case(q_lens, ctx, 4, 2, 64, block_size, torch.bfloat16, seed=block_size, **tiling)
+    run_case(q_lens, ctx, 4, 2, 64, block_size, torch.bfloat16, seed=block_size, new_kv=new_kv, **tiling)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -88,9 +115,21 @@ def test_prefill_chunks_match_whole_prompt(dtype):
     torch.testing.assert_close(chunks, whole, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def test_prefill_empty_and_zero_length_sequences():
+@pytest.mark.parametrize("new_kv", NEW_KV)
+def test_prefill_empty_and_zero_length_sequences(new_kv):
     # a step whose first sequence has no new tokens (q_len 0): its rows are absent, others unaffected
-    run_case([0, 9, 3], [5, 0, 20], 4, 4, 64, 16, torch.float32, seed=5)
+    run_case([0, 9, 3], [5, 0, 20], 4, 4, 64, 16, torch.float32, seed=5, new_kv=new_kv)
+
+
+def test_prefill_new_kv_errors():
+    q = torch.zeros(4, 2, 64, device=DEVICE)
+    kc, vc, table = make_paged([4], 2, 64, 16, torch.float32)
+    args = (q, kc, vc, table, torch.tensor([0, 4], dtype=torch.int32, device=DEVICE),
+            torch.tensor([4], dtype=torch.int32, device=DEVICE), 0.125)
+    with pytest.raises(ValueError, match="new_kv='fast'; allowed: 'paged', 'pointers', 'tma'"):
+        prefill_attention(*args, max_query_len=4, new_kv="fast")
+    with pytest.raises(ValueError, match="needs the step's key and value"):
+        prefill_attention(*args, max_query_len=4, new_kv="pointers")
 
 
 # ---------------------------------------------------------------- real sizes, GPU only
@@ -100,10 +139,11 @@ def test_prefill_empty_and_zero_length_sequences():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
-def test_prefill_real_sizes(dtype, head_size):
+@pytest.mark.parametrize("new_kv", NEW_KV)
+def test_prefill_real_sizes(dtype, head_size, new_kv):
     # prompts, a chunked prompt after 1000 cached tokens, a cached prefix, a 1-token chunk
     q_lens, ctx = [1000, 513, 64, 1, 2048], [0, 1000, 4000, 3000, 0]
-    run_case(q_lens, ctx, 32, 8, head_size, 16, dtype, seed=head_size)
+    run_case(q_lens, ctx, 32, 8, head_size, 16, dtype, seed=head_size, new_kv=new_kv)
 
 
 @requires_cuda
@@ -113,10 +153,11 @@ def test_prefill_real_sizes(dtype, head_size):
     dict(block_m=128, block_n=32, num_warps=8, num_stages=3, maxnreg=128),
     dict(block_m=128, block_n=64, num_warps=8, num_stages=4),
 ], ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
-def test_prefill_real_sizes_tilings(tiling):
+@pytest.mark.parametrize("new_kv", NEW_KV)
+def test_prefill_real_sizes_tilings(tiling, new_kv):
     # the benchmark's tilings at real size: long prompts, a chunk after a long context
     q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
-    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=7, **tiling)
+    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=7, new_kv=new_kv, **tiling)
 
 
 @requires_cuda
