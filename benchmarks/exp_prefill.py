@@ -48,18 +48,37 @@ import labengine.attention.triton_backend  # noqa: E402,F401  (registers kernels
 from labengine.kernels import prefill_attention  # noqa: E402
 from labengine.kernels.prefill_attention import prefill_config  # noqa: E402
 
-# tilings: (label, launcher kwargs); the first is the launcher's default
+# tilings: (label, launcher kwargs); the first is the launcher's default. new_kv says where the
+# step's own keys/values are read: "paged" (through the block table, the kernel before
+# 2026-12-04), "pointers" or "tma" (from the step's K/V tensors, strided views of a fused QKV
+# row as the model passes them; the context always goes through the block table)
 VARIANTS = [
     ("default", {}),
-    ("M128 N64 w8 s4", dict(block_m=128, block_n=64, num_warps=8, num_stages=4)),
-    ("M128 N64 w8 s3 table in-loop", dict(block_m=128, block_n=64, num_warps=8, num_stages=3, table_ahead=False)),
-    ("M128 N64 w8 s2", dict(block_m=128, block_n=64, num_warps=8, num_stages=2)),
-    ("M128 N128 w8 s3", dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
-    ("M128 N128 w8 s2", dict(block_m=128, block_n=128, num_warps=8, num_stages=2)),
-    ("M128 N128 w8 s3 table in-loop", dict(block_m=128, block_n=128, num_warps=8, num_stages=3, table_ahead=False)),
-    ("M128 N32 w8 s3 maxnreg128 (2/SM)", dict(block_m=128, block_n=32, num_warps=8, num_stages=3, maxnreg=128)),
-    ("M64 N64 w4 s3", dict(block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ("paged M128 N64 w8 s3 (before)", dict(new_kv="paged", block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    ("pointers M128 N64 w8 s3", dict(new_kv="pointers", block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    ("tma M128 N64 w8 s2", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=2)),
+    ("tma M128 N64 w8 s3", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    ("tma M128 N64 w8 s4", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=4)),
+    ("tma M128 N128 w8 s2", dict(new_kv="tma", block_m=128, block_n=128, num_warps=8, num_stages=2)),
+    ("tma M128 N128 w8 s3", dict(new_kv="tma", block_m=128, block_n=128, num_warps=8, num_stages=3)),
+    ("tma M128 N64 w4 s3", dict(new_kv="tma", block_m=128, block_n=64, num_warps=4, num_stages=3)),
+    ("tma M128 N128 w4 s2", dict(new_kv="tma", block_m=128, block_n=128, num_warps=4, num_stages=2)),
+    ("tma M64 N64 w4 s3", dict(new_kv="tma", block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ("tma M64 N128 w4 s3", dict(new_kv="tma", block_m=64, block_n=128, num_warps=4, num_stages=3)),
+    ("pointers M128 N128 w8 s3", dict(new_kv="pointers", block_m=128, block_n=128, num_warps=8, num_stages=3)),
+    ("paged M128 N128 w8 s3", dict(new_kv="paged", block_m=128, block_n=128, num_warps=8, num_stages=3)),
 ]
+
+
+def new_kv_views(kc, vc, table, B, q_len, ctx, Hq):
+    """The new tokens' K/V [B * q_len, Hkv, D] as strided views of one fused QKV buffer."""
+    bs, Hkv, D = kc.shape[1:]
+    pos = torch.arange(ctx, ctx + q_len, device=DEV)
+    slots = (table.long()[:, pos // bs] * bs + pos % bs).reshape(-1)  # [B * q_len]
+    fused = torch.empty(B * q_len, Hq + 2 * Hkv, D, device=DEV, dtype=kc.dtype)
+    fused[:, Hq : Hq + Hkv] = kc.reshape(-1, Hkv, D)[slots]
+    fused[:, Hq + Hkv :] = vc.reshape(-1, Hkv, D)[slots]
+    return fused[:, Hq : Hq + Hkv], fused[:, Hq + Hkv :]
 
 
 def bench(fn, rep=150):
@@ -102,7 +121,7 @@ def kernel_part(quick):
         cases, Hq, Hkv = [(4, 40, 0), (1, 33, 0), (2, 24, 19), (1, 17, 50)], 4, 2
     scale = D**-0.5
     rows, summary = [], []
-    variants = VARIANTS[:3] if quick else VARIANTS
+    variants = VARIANTS[:3] if quick else VARIANTS  # quick: the default, the kernel before, pointers
     keep = {}
     for B, q_len, ctx in cases:
         L = ctx + q_len
@@ -124,14 +143,28 @@ def kernel_part(quick):
         flops = 4 * Hq * D * attended
         t_sd = bench(sd)
         shape = f"{B} x {q_len}" + (f" after {ctx}" if ctx else "")
-        rows.append((shape, sd_name, t_sd, flops / t_sd / 1e12, 1.0, ""))
+        rows.append((shape, sd_name, t_sd, flops / t_sd / 1e12, 1.0, "the baseline"))
+        if not SMOKE and not quick:  # which backend SDPA's default dispatch competes with
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                try:
+                    with sdpa_kernel([be]):
+                        sd()
+                        t_be = bench(sd)
+                    rows.append((shape, f"{sd_name}, only {be.name}", t_be, flops / t_be / 1e12, t_sd / t_be, ""))
+                except Exception as e:  # a backend that does not take these inputs
+                    rows.append((shape, f"{sd_name}, only {be.name}", float("nan"), float("nan"), float("nan"),
+                                 f"{type(e).__name__}: {str(e)[:60]}"))
+        key, value = new_kv_views(kc, vc, table, B, q_len, ctx, Hq)
         best = None
         for label, kw in variants:
             out = torch.full_like(q, float("nan"))
             if SMOKE:
                 kw = {k2: v2 for k2, v2 in kw.items() if k2 != "maxnreg"}
                 kw.update(block_m=16, block_n=16) if kw else None
-            fn = lambda: prefill_attention(q, kc, vc, table, qsl, lens, scale, max_query_len=q_len, out=out, **kw)  # noqa: E731
+            fn = lambda: prefill_attention(q, kc, vc, table, qsl, lens, scale, max_query_len=q_len, out=out,  # noqa: E731
+                                           key=key, value=value, **kw)
             try:
                 fn()
                 if not SMOKE:
@@ -153,12 +186,13 @@ def kernel_part(quick):
         rows.append((shape, f"best: {best[0]}" if best else "best: none", best[1] if best else float("nan"),
                      flops / best[1] / 1e12 if best else float("nan"), t_sd / best[1] if best else float("nan"), ""))
         if "first" not in keep:
-            keep["first"] = (q, kc, vc, table, qsl, lens, q_len, sd, flops, shape)
+            keep["first"] = (q, kc, vc, table, qsl, lens, q_len, sd, flops, shape, key, value)
         del k, v
     # the first shape again: the spread of repeated timings
-    q, kc, vc, table, qsl, lens, q_len, sd, flops, shape = keep["first"]
+    q, kc, vc, table, qsl, lens, q_len, sd, flops, shape, key, value = keep["first"]
     out = torch.empty_like(q)
-    t = bench(lambda: prefill_attention(q, kc, vc, table, qsl, lens, scale, max_query_len=q_len, out=out))
+    t = bench(lambda: prefill_attention(q, kc, vc, table, qsl, lens, scale, max_query_len=q_len, out=out,
+                                        key=key, value=value))
     t_sd = bench(sd)
     rows.append((shape + " (again)", "SDPA is_causal enable_gqa", t_sd, flops / t_sd / 1e12, 1.0, ""))
     rows.append((shape + " (again)", "default", t, flops / t / 1e12, t_sd / t, ""))
