@@ -87,6 +87,17 @@ def default_model() -> str:
     return str(make_random_model("llama", path))
 
 
+def random_qwen3() -> str:
+    """A random-weight checkpoint of Qwen3-0.6B's shapes (the vocabulary is the test tokenizer's)."""
+    from labengine.testing import make_random_model
+
+    path = Path(tempfile.gettempdir()) / "labengine_bench_random_qwen3_0.6b_shapes"
+    print(f"(a random-weight model of Qwen3-0.6B's shapes at {path})")
+    return str(make_random_model("qwen3", path, weight_std=None, hidden_size=1024, intermediate_size=3072,
+                                 num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                 head_dim=128, max_position_embeddings=4096))
+
+
 def percentiles(xs: List[float], ps=(50, 90, 99)) -> str:
     if not xs:
         return "n/a"
@@ -285,6 +296,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--random-qwen3", action="store_true",
+                   help="serve a random-weight model of Qwen3-0.6B's shapes (28 layers, hidden 1024, 16/8 heads "
+                        "of 128, MLP 3072) with the test tokenizer's small vocabulary, in bfloat16: a sweep that "
+                        "measures the GPU's work, not only the server loop")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads for the server and the offline run (OMP_NUM_THREADS); "
                         "1 is steadier on a small, busy machine")
@@ -303,7 +319,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.torch_threads)
     engine_kwargs = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                            num_gpu_blocks_override=args.num_gpu_blocks_override,
-                                           device=args.device).items() if v is not None}
+                                           device=args.device, dtype=args.dtype).items() if v is not None}
+    if args.random_qwen3:
+        args.model = random_qwen3()
+        engine_kwargs.setdefault("dtype", "bfloat16")
     prompts = make_prompts(args.num_prompts, args.min_words, args.max_words, args.seed)
     import torch
 

@@ -5,8 +5,8 @@
 #   e) lesson notebooks (solutions/, labs/) under nbval on the GPU          -> nbval.log
 #   f) engine + kernel tests on the GPU                                     -> tests.log
 #   a) throughput.py: engine defaults vs hand-tuned, same run, % of roofline -> throughput.log
-#   g) issue 21.6: throughput.py at the commit before tensor parallelism     -> throughput.log (appended)
-#      (the tree of 7e24f9f, prepared here as .gl/old: see benchmarks/GPU_ROUND2.md)
+#   g) issue 21.6: the commits before/after tensor parallelism, A/B alternating -> throughput.log (appended)
+#      (the trees of 7e24f9f and d07ea77, prepared here as .gl/old and .gl/tp: see benchmarks/GPU_ROUND2.md)
 #   b) exp_prefill.py: prefill kernel vs SDPA (4x2048, 1x16384) and 16k TTFT vs transformers -> prefill.log
 #   d) bench_prefix_chunked.py (prefix caching + chunked prefill), if present -> prefix.log
 #   c) bench_serving.py: labengine.serve under Poisson arrivals at rising rates -> serving.log, serving.png
@@ -54,8 +54,8 @@ if [ "$DRY" = 0 ]; then
   S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
   S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
-  TP_ARGS=""; PREFILL_ARGS="--quick"
-  SERVE_ARGS="--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"
+  TP_ARGS=""; PREFILL_ARGS=${P_ARGS:-"--quick"}
+  SERVE_ARGS=${SV_ARGS:-"--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"}
   PREFIX_ARGS="--random-qwen3 --num-requests 256 --system-len 2048 --suffix-len 128 --output-len 16 --long-len 16384 --num-decodes 64 --decode-len 256 --budget 512 --max-model-len 18432"
   NOTEBOOKS=${NOTEBOOKS:-solutions labs}
   GPU_TESTS="tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"
@@ -77,17 +77,23 @@ note "  nbval: $(grep -E '[0-9]+ (passed|failed)' "$OUT/nbval.log" | tail -1)"
 fi
 
 # f) engine and kernel tests on the GPU (device="auto" picks CUDA), plus the one-rank TP tests
-run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -p no:cacheprovider --maxfail=3 ${T_PAR/TW/$TW} \
+run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -rf -p no:cacheprovider ${T_PAR/TW/$TW} \
   --durations=10 $GPU_TESTS tests/test_tensor_parallel.py -k "not tp2 and not beside and (one_rank or more_ranks or not tensor_parallel)"
 note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
 
 # a) defaults vs tuned, same run (issue 20 item 2)
 run_step "a throughput defaults vs tuned (HEAD)" "$S_TP" throughput.log $PY benchmarks/throughput.py --baselines none \
-  --configs defaults,tuned $TP_ARGS
+  --configs defaults,tuned $TP_ARGS ${A_ARGS:-}
 note "  $(grep -E '^  labengine.*of the roofline' "$OUT/throughput.log" | tr '\n' ';')"
 
-# g) issue 21.6: the tree before tensor parallelism (7e24f9f), tuned settings, its own process
-if [ -f .gl/old/benchmarks/throughput.py ]; then
+# g) issue 21.6: the tree before tensor parallelism (7e24f9f) against the tree right after its
+#    merge (d07ea77), alternating processes (benchmarks/ab_throughput.py), when .gl/tp is there;
+#    else the old tree alone, tuned settings, its own process
+if [ -f .gl/old/benchmarks/throughput.py ] && [ -f .gl/tp/benchmarks/throughput.py ]; then
+  run_step "g A/B before/after TP (7e24f9f vs d07ea77)" "$S_OLD" throughput.log $PY benchmarks/ab_throughput.py \
+    --trees before=.gl/old,after=.gl/tp --rounds "${AB_ROUNDS:-2}" --repeats "${AB_REPEATS:-3}" $TP_ARGS
+  note "  $(grep -E '^median time' "$OUT/throughput.log" | tail -1)"
+elif [ -f .gl/old/benchmarks/throughput.py ]; then
   echo "=== g: tree of 7e24f9f (before tensor parallelism) ===" >>"$OUT/throughput.log"
   # only the wheels on the path: this tree's labengine/ and kernels/ must not shadow the old ones
   OLD_PP=""; [ "$DRY" = 0 ] && OLD_PP=/tmp/site

@@ -324,7 +324,7 @@ def main():
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
                          "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
-                         "and nothing else); the first one is the main run (--analyze, --ablate use tuned)")
+                         "and nothing else); the first one is the main run (--analyze: defaults if listed, else tuned; --ablate: tuned)")
     ap.add_argument("--default-max-model-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # internal: the baselines' process
@@ -392,6 +392,8 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         results[key] = run_labengine(llm, prompts, outputs)
         counted[key] = total_out
         print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
+        if args.analyze:  # where the default configuration's time goes (issue 20 item 2)
+            analyze_labengine(llm, prompts, outputs)
         del llm
     if "tuned" not in configs:
         return
@@ -401,7 +403,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
     results["labengine"] = run_labengine(llm, prompts, outputs)
     counted["labengine"] = total_out
     print(f"labengine: {results['labengine']:.2f} s, {total_out / results['labengine']:.0f} tok/s", flush=True)
-    if args.analyze:
+    if args.analyze and "defaults" not in configs:
         analyze_labengine(llm, prompts, outputs)
     if args.profile:
         import cProfile
