@@ -64,7 +64,7 @@ else
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
   TP_ARGS="--smoke"; PREFILL_ARGS="--smoke --quick"
   SERVE_ARGS="--num-prompts 6 --max-tokens 4 --request-rates 2,inf --skip-offline --device cpu"
-  PREFIX_ARGS="--smoke"
+  PREFIX_ARGS="--num-requests 8 --system-len 64 --suffix-len 8 --output-len 4 --long-len 256 --num-decodes 4 --decode-len 16 --budget 64 --max-model-len 512"
   NOTEBOOKS=${NOTEBOOKS:-solutions/ex1_5_1_basic_inference.ipynb}
   GPU_TESTS="tests/kernels/test_cache_ops.py"
 fi
