@@ -164,7 +164,7 @@ def kernel_part(quick):
                 kw = {k2: v2 for k2, v2 in kw.items() if k2 != "maxnreg"}
                 kw.update(block_m=16, block_n=16) if kw else None
             fn = lambda: prefill_attention(q, kc, vc, table, qsl, lens, scale, max_query_len=q_len, out=out,  # noqa: E731
-                                           key=key, value=value, **kw)
+                                           max_context_len=ctx, key=key, value=value, **kw)
             try:
                 fn()
                 if not SMOKE:
@@ -205,7 +205,8 @@ def kernel_part(quick):
     print("\nsummary, launcher default vs SDPA (>= 0.90 wanted):")
     for shape, t, t_sd in summary:
         print(f"  {shape}: ours {t * 1e6:.1f} us, SDPA {t_sd * 1e6:.1f} us, SDPA/ours {t_sd / t:.3f}")
-    print("default config at 16384:", prefill_config(16384, 128, True))
+    print("default config, no context:", prefill_config(16384, 128, True),
+          "| after 3072 cached:", prefill_config(1024, 128, True, 3072))
 
 
 def sync():

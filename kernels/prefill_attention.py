@@ -2,24 +2,30 @@
 
 Each sequence b of the step has q_len = query_start_loc[b+1] - query_start_loc[b] new
 tokens and ctx = seq_lens[b] - q_len tokens already in the cache (a cached prefix, or
-the earlier chunks of a chunked prompt). The new keys/values have already been written
-into the cache, so every key, old or new, is read the same way: through the block table.
-Query token i sits at absolute position ctx + i and attends keys 0 .. ctx + i.
+the earlier chunks of a chunked prompt). Query token i sits at absolute position ctx + i
+and attends keys 0 .. ctx + i. The step's own keys/values have already been written into
+the cache, but the kernel reads them where the QKV projection left them (`key`/`value`,
+rows of the step in order; by TMA descriptors on Hopper, else by pointers): whole
+contiguous tiles, no block-table lookups. Only the context is read through the block table.
+(`new_kv="paged"`, or no key/value given, reads every key through the block table: the
+kernel before 2026-12-04, kept as the baseline of benchmarks/exp_prefill.py.)
 
 Kernel (flash-attention 2 on the paged cache): grid (num_q_heads, num_seqs, query blocks).
 A program takes BLOCK_M query rows of one head of one sequence and walks the keys in
-tiles of BLOCK_N with an online softmax, in two phases:
+tiles of BLOCK_N with an online softmax:
 
-* keys before the block's first row are visible to every row: whole tiles, no masks;
-* the diagonal tiles (from the tile holding the first row's position up to the last row's
-  causal limit) carry the causal and length masks. Tiles past the last row's limit are
-  never visited, so causal prefill does half the work of a full square.
+* the context (visible to every row): whole tiles without masks through the block table,
+  then its partial last tile masked at ctx;
+* the new keys before the block's first row (visible to every row): whole tiles, no masks;
+* the diagonal tiles, up to the last row's causal limit, with the causal and length masks.
+  Tiles past the last row's limit are never visited, so causal prefill does half the work
+  of a full square.
 
 The softmax runs in base 2 with the scale folded into one FMA per score
 (exp2(s * scale * log2 e - m)), the P.V product accumulates into the output tile inside
 `tl.dot` (tensor cores keep the accumulator), and the block-table entries of the next
-tile are read one tile ahead, so the K/V addresses of a tile never wait on a load of the
-same iteration and triton's software pipeliner can keep several K/V tiles in flight
+context tile are read one tile ahead, so the K/V addresses of a tile never wait on a load
+of the same iteration and triton's software pipeliner can keep several K/V tiles in flight
 (num_stages). The query blocks run heaviest first (the last block of a prompt has the
 most keys), with the heads of a sequence side by side, so the query heads of one KV head
 read the same K/V tiles at about the same time (through the L2 cache).
@@ -304,17 +310,33 @@ def _tma_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def prefill_config(max_query_len: int, head_size: int, on_gpu: bool) -> dict:
-    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv."""
+def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
+                   elem_size: int = 2) -> dict:
+    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv.
+
+    From the H200 sweep of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads, D=128; in
+    RESULTS.md): without a long cached context, 64-row query blocks with 64-key tiles and one
+    warpgroup (4 warps) were fastest (4 x 2048: 360 us against 410-990 us for the other
+    tilings); after a context of 2,048 tokens or more, 128 x 128 tiles with two warpgroups
+    (a chunk after 3,072 or 12,288 cached tokens: 646 and 2,272 us, 5-20% ahead of the others).
+    New keys come through TMA (Hopper's copy engine). float32 (tests, CPU-parity runs) takes
+    half the key tile and two stages, so its tiles fit in shared memory at head size 256.
+    """
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers")
-    block_m = 128 if block_d <= 128 else 64
-    # short prompts (decode tokens of a mixed step, small chunks) do not fill a 128-row tile
+    if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
+        block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
+    elif max_context_len >= 2048:
+        block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+    if elem_size >= 4:
+        block_n, num_stages = max(16, block_n // 2), 2
+    # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
-    block_n = 64 if block_d <= 128 else 32
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=3, table_ahead=True, new_kv="tma")
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
+                new_kv="tma")
 
 
 def _tma_ok(key, value, D, BLOCK_D) -> bool:
@@ -337,6 +359,7 @@ def prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32, context + new tokens
     scale: float,
     max_query_len: int,  # host int: longest q_len of the step (sizes the grid)
+    max_context_len: int = 0,  # host int: longest cached context of the step (picks the tiling)
     out: torch.Tensor | None = None,  # [T, Hq, D]
     key: torch.Tensor | None = None,  # [T, Hkv, D] the step's new keys (already in the cache too)
     value: torch.Tensor | None = None,  # [T, Hkv, D] the step's new values
@@ -350,13 +373,15 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
-    Tiling (`prefill_config`; H200, bf16, D=128): BLOCK_M = 128 query rows (fewer for short
-    prompts; 64 for head size 256, to bound registers), BLOCK_N = 64 keys (32 for head size
-    256), BLOCK_D = head size padded to a power of two, masked. 8 warps (two warpgroups of 64
-    rows each on Hopper) and 3 pipeline stages: with the block table read one tile ahead,
-    triton keeps two K/V tiles in flight. A tile may cover part of a page or several pages:
-    each key looks up its own block-table entry. The query blocks and heads are all
-    independent programs: grid (Hq, B, cdiv(max_query_len, BLOCK_M)), heaviest blocks first.
+    Tiling (`prefill_config`, chosen by the H200 sweep): without a long cached context,
+    BLOCK_M = 64 query rows and BLOCK_N = 64 keys with 4 warps (one Hopper warpgroup; two
+    programs share an SM); after 2,048 or more cached tokens, 128 x 128 tiles with 8 warps
+    (two warpgroups of 64 rows), fewer K/V re-reads over the long context. Fewer rows for
+    short prompts, 64 x 32 for head size 256. 3 pipeline stages: triton keeps two K/V tiles
+    in flight. The context's keys each look up their own block-table entry (read one tile
+    ahead); the step's own keys come from `key`/`value` by TMA, whole [BLOCK_N, D] tiles.
+    The query blocks and heads are all independent programs: grid (Hq, B, cdiv(max_query_len,
+    BLOCK_M)), heaviest blocks first.
     """
     T, Hq, D = query.shape
     _, page_size, Hkv, Dk = k_cache.shape
@@ -368,7 +393,7 @@ def prefill_attention(
         out = torch.empty((T, Hq, D), dtype=query.dtype, device=query.device)
     if T == 0 or B == 0 or max_query_len <= 0:
         return out
-    cfg = prefill_config(max_query_len, D, query.device.type == "cuda")
+    cfg = prefill_config(max_query_len, D, query.device.type == "cuda", max_context_len, query.element_size())
     BLOCK_M = max(16, block_m or cfg["block_m"])
     BLOCK_N = max(16, block_n or cfg["block_n"])
     BLOCK_D = max(16, triton.next_power_of_2(D))

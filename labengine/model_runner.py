@@ -167,6 +167,7 @@ class ModelRunner:
             block_tables=block_tables,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
+            max_context_len=max(s - q for s, q in zip(seq_lens, query_lens)),
             seq_lens_list=list(seq_lens),
             query_lens_list=list(query_lens),
         )

@@ -28,6 +28,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     max_query_len: int
     max_seq_len: int
+    max_context_len: int = 0  # longest cached context of the step (picks the prefill kernel's tiling)
     seq_lens_list: list[int] = field(default_factory=list)
     query_lens_list: list[int] = field(default_factory=list)
 

@@ -85,7 +85,7 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return kernels.prefill_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            max_query_len=meta.max_query_len, key=key, value=value,
+            max_query_len=meta.max_query_len, max_context_len=meta.max_context_len, key=key, value=value,
         )
 
     def copy_blocks(self, kv_caches, src_to_dst) -> None:
