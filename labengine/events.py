@@ -240,9 +240,11 @@ class EventBus:
         """Deliver events again; what was held waits for release()."""
         self._holding = False
 
-    def held_blocks(self, device: str = "gpu") -> set:
-        """The blocks allocated by held events (in use in the block manager, not yet published)."""
-        return {e.block for e in self._held if e.kind == "block_allocated" and e.device == device}
+    def held_blocks(self, device: str = "gpu", kinds: tuple = ("block_allocated",)) -> set:
+        """The blocks of held events of these kinds (already done in the block manager, not yet
+        published): block_allocated and block_reused blocks are in use; block_evicted blocks
+        and blocks reused from the evictor have left the evictor."""
+        return {e.block for e in self._held if e.kind in kinds and getattr(e, "device", "gpu") == device}
 
     def release(self) -> None:
         """Deliver the held events, stamped with the current step and time."""

@@ -12,6 +12,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from labengine import LLM, SamplingParams
 from labengine.arg_utils import AsyncEngineArgs, EngineArgs
@@ -253,24 +254,32 @@ def _run(path, prompts, events=None, **kw):
     return outs, llm.llm_engine
 
 
+# float32 logprobs: on the CPU the same to 1e-4. On a GPU a step's batch changes with caching or
+# chunking (fewer or other tokens per step), cuBLAS picks its GEMM kernels by shape and sums in
+# another order, so the logits move in the last bits; summed over a few tokens of random-weight
+# logits (|logprob| ~ 16) that is ~1e-4 relative (measured on the H200, 2026-12-04: 2.2e-3 on
+# -16.13). The tokens and the top-logprob sets stay exact everywhere.
+LP_TOL = dict(abs=1e-4) if not torch.cuda.is_available() else dict(rel=2e-4, abs=1e-4)
+
+
 def _assert_same(base, other, what):
     assert len(base) == len(other)
     for a, b in zip(base, other):
         assert a.request_id == b.request_id
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs], what
         for oa, ob in zip(a.outputs, b.outputs):
-            assert oa.cumulative_logprob == pytest.approx(ob.cumulative_logprob, abs=1e-4), what
+            assert oa.cumulative_logprob == pytest.approx(ob.cumulative_logprob, **LP_TOL), what
             for da, db in zip(oa.logprobs or [], ob.logprobs or []):
                 assert list(da) == list(db), what
                 for t in da:
-                    assert da[t].logprob == pytest.approx(db[t].logprob, abs=1e-4), what
+                    assert da[t].logprob == pytest.approx(db[t].logprob, **LP_TOL), what
         assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None), what
         for da, db in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
             assert (da is None) == (db is None), what
             if da is not None:
                 assert list(da) == list(db), what
                 for t in da:
-                    assert da[t].logprob == pytest.approx(db[t].logprob, abs=1e-4), what
+                    assert da[t].logprob == pytest.approx(db[t].logprob, **LP_TOL), what
 
 
 FEATURES = {
@@ -327,6 +336,24 @@ def test_async_scheduling_with_prefix_caching(tmp_path):
         outs, engine = _run(path, prompts, async_scheduling=True, **kw)
         assert engine.async_scheduling
         _assert_same(base, outs, f"async {kw}")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_async_scheduling_under_preemption_with_prefix_caching(tmp_path_factory, mode):
+    # async scheduling decides a decode step ahead and holds its events back; when that step
+    # evicts a cached block (the free list is empty) the evictor has lost it before the event
+    # is published: the invariant checker must count the held events (failed on the GPU,
+    # where async scheduling is the default, before 2026-12-04)
+    path = make_random_model("qwen3", tmp_path_factory.mktemp("apre") / "qwen3")
+    prompts = _prompts(500, random.Random(PROMPT_SEED))
+    base, _ = _run(path, prompts)
+    for name in ("prefix", "both"):
+        events = []
+        outs, engine = _run(path, prompts, events, blocks=30, preemption_mode=mode, swap_space=0.01,
+                            async_scheduling=True, **FEATURES[name])
+        assert engine.async_scheduling
+        _assert_same(base, outs, f"async {mode} {name}")
+        assert any(e.kind == "block_evicted" for e in events)
 
 
 def test_abort_leaves_cached_blocks_reusable(tmp_path):
