@@ -111,6 +111,31 @@ def _attend_tile(
 
 
 @triton.jit
+def _paged_whole_tiles(
+    q, acc, m_i, l_i,  # as in _attend_tile
+    n_end, limit,  # keys 0 .. n_end - 1 (a multiple of BLOCK_N), all visible to every row; keys in the sequence
+    q_pos, bt_row, k_head, v_head, sm_scale_log2, stride_b, stride_t,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_IEEE: tl.constexpr, TABLE_AHEAD: tl.constexpr,
+):
+    """Whole tiles of keys through the block table, no masks; the next tile's block-table
+    entries read one tile ahead (TABLE_AHEAD) so no K/V address waits on a load of its own
+    iteration."""
+    pages = _key_pages(bt_row, 0, limit, BLOCK_N, PAGE_SIZE)
+    for n0 in range(0, n_end, BLOCK_N):
+        if TABLE_AHEAD:
+            next_pages = _key_pages(bt_row, n0 + BLOCK_N, limit, BLOCK_N, PAGE_SIZE)
+        else:
+            pages = _key_pages(bt_row, n0, limit, BLOCK_N, PAGE_SIZE)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, n0, pages, q_pos, limit, k_head, v_head, sm_scale_log2,
+            stride_b, stride_t, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
+        if TABLE_AHEAD:
+            pages = next_pages
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_new_tile(
     q, acc, m_i, l_i,  # as in _attend_tile
     j0, q_start, q_len,  # first new key of the tile (0 = the sequence's first new token); its row offset; new keys
@@ -232,17 +257,9 @@ def _prefill_kernel(
         # the context (cached prefix, earlier chunks) through the block table, visible to every
         # row: whole tiles without masks, then the partial last tile masked at ctx
         ctx_whole = ctx // BLOCK_N * BLOCK_N
-        pages = _key_pages(bt_row, 0, ctx, BLOCK_N, PAGE_SIZE)
-        for n0 in range(0, ctx_whole, BLOCK_N):
-            if TABLE_AHEAD:
-                next_pages = _key_pages(bt_row, n0 + BLOCK_N, ctx, BLOCK_N, PAGE_SIZE)
-            else:
-                pages = _key_pages(bt_row, n0, ctx, BLOCK_N, PAGE_SIZE)
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, n0, pages, q_pos, ctx, k_head, v_head, sm_scale_log2,
-                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
-            if TABLE_AHEAD:
-                pages = next_pages
+        acc, m_i, l_i = _paged_whole_tiles(
+            q, acc, m_i, l_i, ctx_whole, ctx, q_pos, bt_row, k_head, v_head, sm_scale_log2,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD)
         if ctx_whole < ctx:
             pages = _key_pages(bt_row, ctx_whole, ctx, BLOCK_N, PAGE_SIZE)
             acc, m_i, l_i = _attend_tile(
@@ -262,33 +279,17 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True)
-        acc = acc / l_i[:, None]
-        tl.store(
-            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-            acc.to(Out.dtype.element_ty),
-            mask=mask_m[:, None] & mask_d[None, :],
-        )
-        return
-
-    # NEW_KV == 0, every key through the block table.
-    # phase 1: whole tiles below the diagonal, no masks
-    pages = _key_pages(bt_row, 0, seq_len, BLOCK_N, PAGE_SIZE)
-    for n0 in range(0, diag_start, BLOCK_N):
-        if TABLE_AHEAD:
-            next_pages = _key_pages(bt_row, n0 + BLOCK_N, seq_len, BLOCK_N, PAGE_SIZE)
-        else:
+    else:
+        # every key through the block table: whole tiles below the diagonal without masks,
+        # then the diagonal tiles, masked (at most cdiv(BLOCK_M, BLOCK_N) + 1 of them)
+        acc, m_i, l_i = _paged_whole_tiles(
+            q, acc, m_i, l_i, diag_start, seq_len, q_pos, bt_row, k_head, v_head, sm_scale_log2,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD)
+        for n0 in range(diag_start, end, BLOCK_N):
             pages = _key_pages(bt_row, n0, seq_len, BLOCK_N, PAGE_SIZE)
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
-        if TABLE_AHEAD:
-            pages = next_pages
-    # phase 2: the diagonal tiles, masked (at most cdiv(BLOCK_M, BLOCK_N) + 1 of them)
-    for n0 in range(diag_start, end, BLOCK_N):
-        pages = _key_pages(bt_row, n0, seq_len, BLOCK_N, PAGE_SIZE)
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
+                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
     tl.store(
