@@ -242,9 +242,11 @@ class EventBus:
 
     def held_blocks(self, device: str = "gpu", kinds: tuple = ("block_allocated",)) -> set:
         """The blocks of held events of these kinds (already done in the block manager, not yet
-        published): block_allocated and block_reused blocks are in use; block_evicted blocks
+        published): block_allocated blocks and blocks reused from the evictor (block_reused:
+        only those; a shared block was in use already) are in use, and block_evicted blocks
         and blocks reused from the evictor have left the evictor."""
-        return {e.block for e in self._held if e.kind in kinds and getattr(e, "device", "gpu") == device}
+        return {e.block for e in self._held if e.kind in kinds and getattr(e, "device", "gpu") == device
+                and getattr(e, "from_evictor", True)}
 
     def release(self) -> None:
         """Deliver the held events, stamped with the current step and time."""

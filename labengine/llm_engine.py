@@ -346,7 +346,8 @@ class LLMEngine:
                      batch_size=sum(s.seq_group.num_seqs(SequenceStatus.RUNNING) or 1
                                     for s in out.scheduled_seq_groups),
                      num_prefill_tokens=num_prefill, num_decode_tokens=out.num_batched_tokens - num_prefill,
-                     kv_blocks_used=bm.get_num_used_gpu_blocks() - len(bus.held_blocks()),
+                     kv_blocks_used=bm.get_num_used_gpu_blocks()
+                     - len(bus.held_blocks(kinds=("block_allocated", "block_reused"))),
                      kv_blocks_total=bm.num_gpu_blocks,
                      num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                      num_swapped=len(self.scheduler.swapped), rank_forward_s=timings.rank_forward_s,

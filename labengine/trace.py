@@ -22,7 +22,7 @@ and at every step_finished also inspects the block manager, raising InvariantVio
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -439,7 +439,6 @@ def request_states(df: pd.DataFrame) -> pd.DataFrame:
     steps_ = _all_steps(df)
     if not len(steps_):
         return pd.DataFrame(index=pd.Index(steps_, name="step"), columns=order, dtype=object)
-    s0 = steps_[0]
     grid = np.full((len(steps_), len(order)), None, dtype=object)
     col = {rid: j for j, rid in enumerate(order)}
     # per-step happenings
