@@ -52,22 +52,16 @@ from labengine.kernels.prefill_attention import prefill_config  # noqa: E402
 # step's own keys/values are read: "paged" (through the block table, the kernel before
 # 2026-12-04), "pointers" or "tma" (from the step's K/V tensors, strided views of a fused QKV
 # row as the model passes them; the context always goes through the block table)
-VARIANTS = [
-    ("default", {}),
-    ("paged M128 N64 w8 s3 (before)", dict(new_kv="paged", block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    ("pointers M128 N64 w8 s3", dict(new_kv="pointers", block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    ("tma M128 N64 w8 s2", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=2)),
-    ("tma M128 N64 w8 s3", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    ("tma M128 N64 w8 s4", dict(new_kv="tma", block_m=128, block_n=64, num_warps=8, num_stages=4)),
-    ("tma M128 N128 w8 s2", dict(new_kv="tma", block_m=128, block_n=128, num_warps=8, num_stages=2)),
-    ("tma M128 N128 w8 s3", dict(new_kv="tma", block_m=128, block_n=128, num_warps=8, num_stages=3)),
-    ("tma M128 N64 w4 s3", dict(new_kv="tma", block_m=128, block_n=64, num_warps=4, num_stages=3)),
-    ("tma M128 N128 w4 s2", dict(new_kv="tma", block_m=128, block_n=128, num_warps=4, num_stages=2)),
-    ("tma M64 N64 w4 s3", dict(new_kv="tma", block_m=64, block_n=64, num_warps=4, num_stages=3)),
-    ("tma M64 N128 w4 s3", dict(new_kv="tma", block_m=64, block_n=128, num_warps=4, num_stages=3)),
-    ("pointers M128 N128 w8 s3", dict(new_kv="pointers", block_m=128, block_n=128, num_warps=8, num_stages=3)),
-    ("paged M128 N128 w8 s3", dict(new_kv="paged", block_m=128, block_n=128, num_warps=8, num_stages=3)),
-]
+def tiling(new_kv, m, n, w, s, note=""):
+    """(label, launcher kwargs) of one tiling."""
+    kw = dict(new_kv=new_kv, block_m=m, block_n=n, num_warps=w, num_stages=s)
+    return f"{new_kv} M{m} N{n} w{w} s{s}{note}", kw
+
+
+VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling("pointers", 128, 64, 8, 3)] + [
+    tiling("tma", *t) for t in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                                (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3))
+] + [tiling("pointers", 128, 128, 8, 3), tiling("paged", 128, 128, 8, 3)]
 
 
 def new_kv_views(kc, vc, table, B, q_len, ctx, Hq):

@@ -34,6 +34,8 @@ read the same K/V tiles at about the same time (through the L2 cache).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -302,8 +304,10 @@ def _prefill_kernel(
 NEW_KV_MODES = {"paged": 0, "pointers": 1, "tma": 2}
 
 
+@functools.lru_cache(maxsize=None)
 def _tma_capable(device: torch.device) -> bool:
-    """TMA descriptors exist in this triton and on this device (Hopper or newer, or the interpreter)."""
+    """TMA descriptors exist in this triton and on this device (Hopper or newer, or the interpreter).
+    Cached: the launcher asks once per layer of every prefill step."""
     if TensorDescriptor is None:
         return False
     if device.type != "cuda":
