@@ -52,16 +52,27 @@ from labengine.kernels.prefill_attention import prefill_config  # noqa: E402
 # step's own keys/values are read: "paged" (through the block table, the kernel before
 # 2026-12-04), "pointers" or "tma" (from the step's K/V tensors, strided views of a fused QKV
 # row as the model passes them; the context always goes through the block table)
-def tiling(new_kv, m, n, w, s, note=""):
-    """(label, launcher kwargs) of one tiling."""
-    kw = dict(new_kv=new_kv, block_m=m, block_n=n, num_warps=w, num_stages=s)
-    return f"{new_kv} M{m} N{n} w{w} s{s}{note}", kw
+def tiling(new_kv, m, n, w, s, note="", **extra):
+    """(label, launcher kwargs) of one tiling; extra: q_tma, o_tma, warp_specialize, maxnreg."""
+    kw = dict(new_kv=new_kv, block_m=m, block_n=n, num_warps=w, num_stages=s, **extra)
+    flags = "".join(f" +{k}" if v is True else f" {k}{v}" for k, v in extra.items())
+    return f"{new_kv} M{m} N{n} w{w} s{s}{flags}{note}", kw
 
 
-VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling("pointers", 128, 64, 8, 3)] + [
-    tiling("tma", *t) for t in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                                (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3))
-] + [tiling("pointers", 128, 128, 8, 3), tiling("paged", 128, 128, 8, 3)]
+QO = dict(q_tma=True, o_tma=True)
+WS = dict(warp_specialize=True)
+VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling("pointers", 128, 128, 8, 3)] + [
+    tiling("tma", *t) for t in ((128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3))
+] + [
+    # 2026-12-05: the query and output tiles by TMA, and triton's warp specialization
+    tiling("tma", 64, 64, 4, 3, q_tma=True), tiling("tma", 64, 64, 4, 3, o_tma=True),
+    tiling("tma", 64, 64, 4, 3, **QO), tiling("tma", 64, 64, 4, 4, **QO), tiling("tma", 64, 64, 4, 2, **QO),
+    tiling("tma", 64, 128, 4, 2, **QO), tiling("tma", 128, 64, 8, 3, **QO), tiling("tma", 128, 128, 8, 3, **QO),
+    tiling("tma", 128, 128, 8, 2, **QO), tiling("tma", 128, 64, 4, 3, **QO), tiling("tma", 128, 128, 4, 2, **QO),
+    tiling("tma", 64, 64, 4, 3, **WS), tiling("tma", 64, 64, 4, 3, **QO, **WS), tiling("tma", 128, 64, 4, 3, **QO, **WS),
+    tiling("tma", 128, 128, 4, 3, **QO, **WS), tiling("tma", 128, 128, 8, 3, **QO, **WS),
+    tiling("tma", 128, 128, 8, 3, **QO, maxnreg=168), tiling("pointers", 128, 128, 8, 3, **QO),
+]
 
 
 def new_kv_views(kc, vc, table, B, q_len, ctx, Hq):

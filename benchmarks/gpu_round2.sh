@@ -11,7 +11,10 @@
 #   d) bench_prefix_chunked.py (prefix caching + chunked prefill), if present -> prefix.log
 #   c) bench_serving.py: labengine.serve under Poisson arrivals at rising rates -> serving.log, serving.png
 # A summary table is printed last (and saved as summary.txt). Set DRY=1 to run everything at toy
-# sizes on a CPU machine (checks the script, not the GPU).
+# sizes on a CPU machine (checks the script, not the GPU). Knobs (environment): S_<STEP> seconds
+# (0 skips), T_ARGS/G_TESTS (step f's pytest arguments / test files), A_CONFIGS/A_ARGS (step a's
+# --configs / extra arguments), P_ARGS (step b's), SV_ARGS (step c's), AB_ROUNDS/AB_REPEATS
+# (step g's), DEADLINE, NB_LAST.
 set -u
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -58,7 +61,7 @@ if [ "$DRY" = 0 ]; then
   SERVE_ARGS=${SV_ARGS:-"--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"}
   PREFIX_ARGS="--random-qwen3 --num-requests 256 --system-len 2048 --suffix-len 128 --output-len 16 --long-len 16384 --num-decodes 64 --decode-len 256 --budget 512 --max-model-len 18432"
   NOTEBOOKS=${NOTEBOOKS:-solutions labs}
-  GPU_TESTS="tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"
+  GPU_TESTS=${G_TESTS:-"tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"}
 else
   S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
@@ -83,7 +86,7 @@ note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
 
 # a) defaults vs tuned, same run (issue 20 item 2)
 run_step "a throughput defaults vs tuned (HEAD)" "$S_TP" throughput.log $PY benchmarks/throughput.py --baselines none \
-  --configs defaults,tuned $TP_ARGS ${A_ARGS:-}
+  --configs ${A_CONFIGS:-defaults,tuned} $TP_ARGS ${A_ARGS:-}
 note "  $(grep -E '^  labengine.*of the roofline' "$OUT/throughput.log" | tr '\n' ';')"
 
 # g) issue 21.6: the tree before tensor parallelism (7e24f9f) against the tree right after its

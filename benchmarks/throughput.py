@@ -109,12 +109,30 @@ def make_llm(path, max_model_len, async_scheduling=None):
                async_scheduling=async_scheduling)
 
 
-def make_default_llm(path, max_model_len):
+def make_default_llm(path, max_model_len, **overrides):
     """What a user writes (issue 20): only the model, the dtype and a max_model_len; every other
-    setting is the engine's own default for this device and model."""
+    setting is the engine's own default for this device and model (overrides: an experiment's
+    one or two changed settings, `--configs defaults+block_size=32`)."""
     from labengine import LLM
 
-    return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len)
+    return LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_model_len, **overrides)
+
+
+def parse_overrides(spec):
+    """"defaults+block_size=32+max_num_seqs=128" -> {"block_size": 32, "max_num_seqs": 128}."""
+    out = {}
+    for item in spec.split("+")[1:]:
+        key, _, val = item.partition("=")
+        for cast in (int, float):
+            try:
+                val = cast(val)
+                break
+            except ValueError:
+                pass
+        else:
+            val = {"True": True, "False": False}.get(val, val)
+        out[key] = val
+    return out
 
 
 def describe(llm):
@@ -324,7 +342,8 @@ def main():
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
                          "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
-                         "and nothing else); the first one is the main run (--analyze: defaults if listed, else tuned; --ablate: tuned)")
+                         "and nothing else), defaults+SETTING=VALUE[+...] (the defaults with a setting changed, e.g. "
+                         "defaults+block_size=32); the first one is the main run (--analyze: defaults if listed, else tuned; --ablate: tuned)")
     ap.add_argument("--default-max-model-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # internal: the baselines' process
@@ -380,19 +399,19 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
     total_out = sum(outputs)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c not in ("tuned", "defaults"):
-            raise SystemExit(f"--configs {c!r}: allowed: tuned, defaults")
+        if c != "tuned" and c.split("+")[0] != "defaults":
+            raise SystemExit(f"--configs {c!r}: allowed: tuned, defaults, defaults+SETTING=VALUE[+...]")
     for c in configs:
         if c == "tuned":
             continue
         free_memory()
-        llm = make_default_llm(path, args.default_max_model_len if not args.smoke else 128)
-        key = "labengine, defaults"
+        llm = make_default_llm(path, args.default_max_model_len if not args.smoke else 128, **parse_overrides(c))
+        key = "labengine, defaults" + (f" ({c[len('defaults+'):]})" if "+" in c else "")
         print(f"{key}: {describe(llm)}", flush=True)
         results[key] = run_labengine(llm, prompts, outputs)
         counted[key] = total_out
         print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
-        if args.analyze:  # where the default configuration's time goes (issue 20 item 2)
+        if args.analyze and c == "defaults":  # where the default configuration's time goes (issue 20 item 2)
             analyze_labengine(llm, prompts, outputs)
         del llm
     if "tuned" not in configs:

@@ -200,6 +200,8 @@ def _prefill_kernel(
     V_new,  # [T, Hkv, D] the step's new values (NEW_KV == 1)
     desc_k,  # TMA descriptor of K_new as [T, Hkv * D], block [BLOCK_N, D] (NEW_KV == 2)
     desc_v,  # TMA descriptor of V_new, same shape and block (NEW_KV == 2)
+    desc_q,  # TMA descriptor of Q as [T, Hq * D], block [BLOCK_M, D] (Q_TMA)
+    desc_o,  # TMA descriptor of Out as [T, Hq * D], block [BLOCK_M, D] (O_TMA)
     Block_tables,  # [B, max_blocks] int32
     Query_start_loc,  # [B + 1] int32 cumulative query lengths
     Seq_lens,  # [B] int32 context + new tokens
@@ -219,6 +221,9 @@ def _prefill_kernel(
     TABLE_AHEAD: tl.constexpr,  # read the next tile's block-table entries one tile ahead
     DOT_IEEE: tl.constexpr,
     NEW_KV: tl.constexpr,  # new keys from: 0 the paged cache, 1 K_new/V_new (pointers), 2 their TMA descriptors
+    Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
+    O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
+    WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -237,11 +242,16 @@ def _prefill_kernel(
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    if Q_TMA:
+        # rows past the sequence's end belong to the next sequence (or are zeros past T): their
+        # scores are computed and never stored
+        q = desc_q.load([q_start + mblk * BLOCK_M, h * HEAD_DIM])
+    else:
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
     q_pos = ctx + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -273,7 +283,7 @@ def _prefill_kernel(
         v_new = V_new + kvh * stride_vnh
         first_row = mblk * BLOCK_M
         diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
-        for j0 in range(0, diag_j, BLOCK_N):
+        for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
@@ -294,11 +304,14 @@ def _prefill_kernel(
                 stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
-    tl.store(
-        Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-        acc.to(Out.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
-    )
+    if O_TMA and (mblk + 1) * BLOCK_M <= q_len:
+        desc_o.store([q_start + mblk * BLOCK_M, h * HEAD_DIM], acc.to(Out.dtype.element_ty))
+    else:
+        tl.store(
+            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
 
 
 NEW_KV_MODES = {"paged": 0, "pointers": 1, "tma": 2}
@@ -329,7 +342,8 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     """
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
-        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers")
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
+                    q_tma=False, o_tma=False, warp_specialize=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048:
@@ -341,15 +355,15 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma")
+                new_kv="tma", q_tma=False, o_tma=False, warp_specialize=False)
 
 
-def _tma_ok(key, value, D, BLOCK_D) -> bool:
-    """TMA can describe key/value as [T, Hkv * D] rows: head size a power of two, a head's
-    channels and the heads of a row contiguous, 16-byte aligned row strides and bases."""
-    if D != BLOCK_D or not _tma_capable(key.device):
+def _tma_ok(D, BLOCK_D, *tensors) -> bool:
+    """TMA can describe each [T, H, D] tensor as [T, H * D] rows: head size a power of two, a
+    head's channels and the heads of a row contiguous, 16-byte aligned row strides and bases."""
+    if D != BLOCK_D or not _tma_capable(tensors[0].device):
         return False
-    for t in (key, value):
+    for t in tensors:
         if t.stride(-2) != D or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
     return True
@@ -375,6 +389,9 @@ def prefill_attention(
     num_stages: int | None = None,
     table_ahead: bool | None = None,
     maxnreg: int | None = None,  # registers per thread (None: no cap)
+    q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
+    o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
+    warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -411,7 +428,7 @@ def prefill_attention(
         mode = "paged"
     else:
         assert key.shape == value.shape == (T, Hkv, D) and key.stride(-1) == 1 and value.stride(-1) == 1
-        if mode == "tma" and not _tma_ok(key, value, D, BLOCK_D):
+        if mode == "tma" and not _tma_ok(D, BLOCK_D, key, value):
             if new_kv == "tma":
                 raise ValueError("new_kv='tma' needs a power-of-two head size, [T, Hkv * D] rows with "
                                  "16-byte aligned strides, and a Hopper GPU (or the interpreter)")
@@ -419,11 +436,23 @@ def prefill_attention(
     desc_k = desc_v = None
     if mode == "tma":
         desc_k, desc_v = (TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [BLOCK_N, D]) for t in (key, value))
+    use_q_tma = cfg["q_tma"] if q_tma is None else q_tma
+    use_o_tma = cfg["o_tma"] if o_tma is None else o_tma
+    desc_q = desc_o = None
+    if use_q_tma or use_o_tma:
+        if not _tma_ok(D, BLOCK_D, query, out):
+            if q_tma or o_tma:
+                raise ValueError("q_tma/o_tma need a power-of-two head size, [T, Hq * D] rows with "
+                                 "16-byte aligned strides, and a Hopper GPU (or the interpreter)")
+            use_q_tma = use_o_tma = False
+        else:
+            desc_q, desc_o = (TensorDescriptor(t, [T, Hq * D], [t.stride(0), 1], [BLOCK_M, D]) for t in (query, out))
     k_new = key if key is not None else k_cache  # unused by the paged mode (any tensor will do)
     v_new = value if value is not None else v_cache
     grid = (Hq, B, triton.cdiv(max_query_len, BLOCK_M))
     _prefill_kernel[grid](
-        query, k_cache, v_cache, out, k_new, v_new, desc_k, desc_v, block_tables, query_start_loc, seq_lens,
+        query, k_cache, v_cache, out, k_new, v_new, desc_k, desc_v, desc_q, desc_o,
+        block_tables, query_start_loc, seq_lens,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -436,6 +465,8 @@ def prefill_attention(
         TABLE_AHEAD=cfg["table_ahead"] if table_ahead is None else table_ahead,
         DOT_IEEE=dot_ieee(query.dtype, query.device),
         NEW_KV=NEW_KV_MODES[mode],
+        Q_TMA=use_q_tma, O_TMA=use_o_tma,
+        WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),

@@ -94,6 +94,30 @@ def test_prefill_tilings(tiling, block_size, new_kv):
     run_case(q_lens, ctx, 4, 2, 64, block_size, torch.bfloat16, seed=block_size, new_kv=new_kv, **tiling)
 
 
+# the query tile and whole output tiles through TMA, and the warp-specialized loop over new
+# keys: whole and partial query blocks, a block whose rows run into the next sequence's rows
+# (its query tile holds them; they are never stored), a context ending mid-tile
+HOPPER_PATHS = [dict(q_tma=True), dict(o_tma=True), dict(q_tma=True, o_tma=True),
+                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True)]
+
+
+@pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no TMA descriptors")
+@pytest.mark.parametrize("new_kv", ["pointers", "tma"])
+@pytest.mark.parametrize("paths", HOPPER_PATHS, ids=lambda t: "-".join(t))
+def test_prefill_tma_query_output_and_warp_specialize(paths, new_kv):
+    q_lens, ctx = [64, 37, 1, 96], [0, 0, 45, 150]
+    run_case(q_lens, ctx, 4, 2, 64, 16, torch.bfloat16, seed=13, new_kv=new_kv, block_m=32, block_n=16, **paths)
+
+
+def test_prefill_tma_query_needs_describable_rows():
+    q = torch.zeros(4, 2, 80, device=DEVICE)  # head size 80: not a power of two
+    kc, vc, table = make_paged([4], 2, 80, 16, torch.float32)
+    args = (q, kc, vc, table, torch.tensor([0, 4], dtype=torch.int32, device=DEVICE),
+            torch.tensor([4], dtype=torch.int32, device=DEVICE), 0.125)
+    with pytest.raises(ValueError, match="q_tma/o_tma need a power-of-two head size"):
+        prefill_attention(*args, max_query_len=4, q_tma=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_prefill_chunks_match_whole_prompt(dtype):
     # chunked prefill: a prompt computed in three chunks (each attending to the cached earlier
@@ -158,6 +182,19 @@ def test_prefill_real_sizes_tilings(tiling, new_kv):
     # the benchmark's tilings at real size: long prompts, a chunk after a long context
     q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
     run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=7, new_kv=new_kv, **tiling)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("paths", HOPPER_PATHS, ids=lambda t: "-".join(t))
+@pytest.mark.parametrize("tiling", [dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                                    dict(block_m=128, block_n=128, num_warps=8, num_stages=3)],
+                         ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_prefill_real_sizes_hopper_paths(tiling, paths):
+    if TensorDescriptor is None or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper GPU")
+    q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
+    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=9, new_kv="tma", **tiling, **paths)
 
 
 @requires_cuda
