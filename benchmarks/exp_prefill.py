@@ -72,6 +72,9 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     tiling("tma", 64, 64, 4, 3, **WS), tiling("tma", 64, 64, 4, 3, **QO, **WS), tiling("tma", 128, 64, 4, 3, **QO, **WS),
     tiling("tma", 128, 128, 4, 3, **QO, **WS), tiling("tma", 128, 128, 8, 3, **QO, **WS),
     tiling("tma", 128, 128, 8, 3, **QO, maxnreg=168), tiling("pointers", 128, 128, 8, 3, **QO),
+    # 2026-12-05, second call: 32-key tiles (three programs of 4 warps fit an SM's shared memory)
+    tiling("tma", 64, 32, 4, 3, **QO), tiling("tma", 64, 32, 4, 4, **QO), tiling("tma", 64, 32, 4, 5, **QO),
+    tiling("tma", 128, 64, 8, 2, **QO), tiling("tma", 64, 64, 4, 3, **QO, maxnreg=128),
 ]
 
 
@@ -117,7 +120,7 @@ def contiguous_kv(cache, table, L):
     return cache.reshape(-1, Hkv, D)[slots].permute(0, 2, 1, 3).contiguous()
 
 
-def kernel_part(quick):
+def kernel_part(quick, pick=""):
     from torch.nn.attention.bias import causal_lower_right
 
     cases = [(4, 2048, 0), (1, 16384, 0), (4, 1024, 3072), (1, 4096, 12288)]
@@ -127,6 +130,8 @@ def kernel_part(quick):
     scale = D**-0.5
     rows, summary = [], []
     variants = VARIANTS[:3] if quick else VARIANTS  # quick: the default, the kernel before, pointers
+    if pick:  # --pick 0,5,7: the default and these rows of VARIANTS only
+        variants = [VARIANTS[0]] + [VARIANTS[int(i)] for i in pick.split(",") if int(i) != 0]
     keep = {}
     for B, q_len, ctx in cases:
         L = ctx + q_len
@@ -271,6 +276,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--part", default="kernels,ttft")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--pick", default="", help="comma list of indices into VARIANTS to time (the default always)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     props = torch.cuda.get_device_properties(DEV) if not SMOKE else type("cpu", (), dict(name="CPU (smoke)", multi_processor_count=0))
@@ -279,7 +285,7 @@ def main():
           f"prefill_attention.py md5 {hashlib.md5(src).hexdigest()[:10]}", flush=True)
     parts = args.part.split(",")
     if "kernels" in parts:
-        kernel_part(args.quick)
+        kernel_part(args.quick, args.pick)
     if "ttft" in parts:
         try:
             ttft_part()

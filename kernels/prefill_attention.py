@@ -332,13 +332,17 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
                    elem_size: int = 2) -> dict:
     """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv.
 
-    From the H200 sweep of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads, D=128; in
-    RESULTS.md): without a long cached context, 64-row query blocks with 64-key tiles and one
-    warpgroup (4 warps) were fastest (4 x 2048: 360 us against 410-990 us for the other
-    tilings); after a context of 2,048 tokens or more, 128 x 128 tiles with two warpgroups
-    (a chunk after 3,072 or 12,288 cached tokens: 646 and 2,272 us, 5-20% ahead of the others).
-    New keys come through TMA (Hopper's copy engine). float32 (tests, CPU-parity runs) takes
-    half the key tile and two stages, so its tiles fit in shared memory at head size 256.
+    From the H200 sweeps of 2026-12-04 and -05 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
+    D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
+    context, 64-row query blocks with 64-key tiles and one warpgroup (4 warps) were fastest
+    (4 x 2048: 349 us against 385-995 us for the other tilings); after a context of 2,048
+    tokens or more, or for a 16k prompt, 128 x 128 tiles with two warpgroups (a chunk after
+    3,072 or 12,288 cached tokens: 598 and 2,202 us, 5-20% ahead of the others; 1 x 16384:
+    4,490 us against 4,687 us). New keys, the query tile and whole output tiles go through
+    TMA (Hopper's copy engine; 1-5% faster than pointers). Triton's warp specialization of the
+    key loop made no difference on the H200 (triton 3.6) and is off. float32 (tests,
+    CPU-parity runs) takes half the key tile and two stages, so its tiles fit in shared
+    memory at head size 256.
     """
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
@@ -346,7 +350,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
                     q_tma=False, o_tma=False, warp_specialize=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
-    elif max_context_len >= 2048:
+    elif max_context_len >= 2048 or max_query_len >= 8192:
         block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
     else:
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
@@ -355,7 +359,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=False, o_tma=False, warp_specialize=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
