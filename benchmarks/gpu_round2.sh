@@ -80,7 +80,7 @@ note "  nbval: $(grep -E '[0-9]+ (passed|failed)' "$OUT/nbval.log" | tail -1)"
 fi
 
 # f) engine and kernel tests on the GPU (device="auto" picks CUDA), plus the one-rank TP tests
-run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -rf ${T_ARGS:-} -p no:cacheprovider ${T_PAR/TW/$TW} \
+run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -rf -p no:cacheprovider ${T_PAR/TW/$TW} ${T_ARGS:-} \
   --durations=10 $GPU_TESTS tests/test_tensor_parallel.py -k "not tp2 and not beside and (one_rank or more_ranks or not tensor_parallel)"
 note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
 
