@@ -64,7 +64,7 @@ WS = dict(warp_specialize=True)
 VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling("pointers", 128, 128, 8, 3)] + [
     tiling("tma", *t) for t in ((128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3))
 ] + [
-    # 2026-12-05: the query and output tiles by TMA, and triton's warp specialization
+    # third session (2026-12-04), call 1: the query and output tiles by TMA, and triton's warp specialization
     tiling("tma", 64, 64, 4, 3, q_tma=True), tiling("tma", 64, 64, 4, 3, o_tma=True),
     tiling("tma", 64, 64, 4, 3, **QO), tiling("tma", 64, 64, 4, 4, **QO), tiling("tma", 64, 64, 4, 2, **QO),
     tiling("tma", 64, 128, 4, 2, **QO), tiling("tma", 128, 64, 8, 3, **QO), tiling("tma", 128, 128, 8, 3, **QO),
@@ -72,7 +72,7 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     tiling("tma", 64, 64, 4, 3, **WS), tiling("tma", 64, 64, 4, 3, **QO, **WS), tiling("tma", 128, 64, 4, 3, **QO, **WS),
     tiling("tma", 128, 128, 4, 3, **QO, **WS), tiling("tma", 128, 128, 8, 3, **QO, **WS),
     tiling("tma", 128, 128, 8, 3, **QO, maxnreg=168), tiling("pointers", 128, 128, 8, 3, **QO),
-    # 2026-12-05, second call: 32-key tiles (three programs of 4 warps fit an SM's shared memory)
+    # third session, call 2: 32-key tiles (three programs of 4 warps fit an SM's shared memory)
     tiling("tma", 64, 32, 4, 3, **QO), tiling("tma", 64, 32, 4, 4, **QO), tiling("tma", 64, 32, 4, 5, **QO),
     tiling("tma", 128, 64, 8, 2, **QO), tiling("tma", 64, 64, 4, 3, **QO, maxnreg=128),
 ]

@@ -332,7 +332,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
                    elem_size: int = 2) -> dict:
     """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv.
 
-    From the H200 sweeps of 2026-12-04 and -05 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
+    From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
     context, 64-row query blocks with 64-key tiles and one warpgroup (4 warps) were fastest
     (4 x 2048: 349 us against 385-995 us for the other tilings); after a context of 2,048
