@@ -9,6 +9,7 @@ replay CUDA graphs (unless enforce_eager=True).
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -354,7 +355,25 @@ class ModelRunner:
             qsl=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
         )
         pool = None
-        for size in sorted(sizes, reverse=True):
+        # No garbage collection while capturing (as vLLM's capture): a collection that frees an
+        # earlier engine's objects in the middle of a capture (its pinned buffers, events,
+        # graphs) makes CUDA calls that are illegal then, and the capture fails with
+        # CUBLAS_STATUS_EXECUTION_FAILED (seen on the H200 with engines built one after another)
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_sizes(sorted(sizes, reverse=True), io, pool)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        self._graph_io = io
+        torch.cuda.synchronize()
+        logger.info("Captured CUDA graphs for decode batch sizes %s in %.1f s", sorted(sizes),
+                    time.perf_counter() - t0)
+
+    def _capture_sizes(self, sizes, io, pool) -> None:
+        for size in sizes:
             meta = AttentionMetadata(
                 is_prefill=False, slot_mapping=io["slots"][:size], query_start_loc=io["qsl"][:size + 1],
                 seq_lens=io["seq_lens"][:size], context_lens=io["context_lens"][:size],
@@ -369,10 +388,6 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size] = graph
             io[("logits", size)] = logits
-        self._graph_io = io
-        torch.cuda.synchronize()
-        logger.info("Captured CUDA graphs for decode batch sizes %s in %.1f s", sorted(sizes),
-                    time.perf_counter() - t0)
 
     def _replay_graph(self, size: int, ids, pos, meta: AttentionMetadata) -> torch.Tensor:
         io = self._graph_io

@@ -9,13 +9,14 @@ preemption by recompute and by swap, and async scheduling. The invariant checker
 every engine here and is shown to catch a corrupted cache.
 """
 import asyncio
+import gc
 import random
 
 import pytest
 import torch
 
 from labengine import LLM, SamplingParams
-from labengine.arg_utils import AsyncEngineArgs, EngineArgs
+from labengine.arg_utils import EngineArgs
 from labengine.block_manager import AllocStatus, BlockManager, hash_block_tokens
 from labengine.events import EventBus
 from labengine.llm_engine import LLMEngine
@@ -357,6 +358,28 @@ def test_async_scheduling_under_preemption_with_prefix_caching(tmp_path_factory,
         assert engine.async_scheduling
         _assert_same(base, outs, f"async {mode} {name}")
         assert any(e.kind == "block_evicted" for e in events)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a GPU only")
+def test_graph_capture_next_to_an_earlier_engine_left_as_garbage(tmp_path):
+    # engines built one after another: the earlier one (swap space, events, graphs) waits in a
+    # reference cycle for the cyclic collector, which runs at almost every allocation here; the
+    # next engine's CUDA-graph capture must not be broken by it (the H200, 2026-12-04: a
+    # collection during a capture failed it with CUBLAS_STATUS_EXECUTION_FAILED)
+    path = make_random_model("qwen3", tmp_path / "m")
+    prompts = _prompts(500, random.Random(PROMPT_SEED))
+    kw = dict(blocks=30, preemption_mode="swap", swap_space=0.01, enable_prefix_caching=True)
+    base, engine = _run(path, prompts, **kw)
+    engine.cycle = engine  # only the cyclic collector can free it now
+    del engine
+    saved = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        outs, engine = _run(path, prompts, **kw)
+    finally:
+        gc.set_threshold(*saved)
+    assert engine.model_runner.graphs
+    _assert_same(base, outs, "a capture next to garbage")
 
 
 def test_abort_leaves_cached_blocks_reusable(tmp_path):
