@@ -28,12 +28,13 @@ def new_kv_views(query, k_cache, v_cache, table, q_lens, ctx_lens):
     return fused[:, Hq : Hq + Hkv], fused[:, Hq + Hkv :]
 
 
-def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtype, seed, new_kv="paged", **kw):
+def run_case(q_lens, ctx_lens, num_heads, num_kv_heads, head_size, block_size, dtype, seed, new_kv="paged",
+             q_scale=1.0, **kw):
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
     k_cache, v_cache, table = make_paged(seq_lens, num_kv_heads, head_size, block_size, dtype, gen=gen)
     T = sum(q_lens)
-    query = torch.randn(T, num_heads, head_size, generator=gen).to(dtype).to(DEVICE)
+    query = (q_scale * torch.randn(T, num_heads, head_size, generator=gen)).to(dtype).to(DEVICE)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_size**-0.5
@@ -98,7 +99,8 @@ def test_prefill_tilings(tiling, block_size, new_kv):
 # keys: whole and partial query blocks, a block whose rows run into the next sequence's rows
 # (its query tile holds them; they are never stored), a context ending mid-tile
 HOPPER_PATHS = [dict(q_tma=True), dict(o_tma=True), dict(q_tma=True, o_tma=True),
-                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True)]
+                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True),
+                dict(q_tma=True, o_tma=True, lazy_rescale=True)]
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no TMA descriptors")
@@ -107,6 +109,16 @@ HOPPER_PATHS = [dict(q_tma=True), dict(o_tma=True), dict(q_tma=True, o_tma=True)
 def test_prefill_tma_query_output_and_warp_specialize(paths, new_kv):
     q_lens, ctx = [64, 37, 1, 96], [0, 0, 45, 150]
     run_case(q_lens, ctx, 4, 2, 64, 16, torch.bfloat16, seed=13, new_kv=new_kv, block_m=32, block_n=16, **paths)
+
+
+@pytest.mark.parametrize("new_kv", NEW_KV)
+@pytest.mark.parametrize("q_scale", [1.0, 12.0], ids=["mild", "peaked"])
+def test_prefill_lazy_rescale(q_scale, new_kv):
+    # conditional rescaling: with peaked scores (queries x12) rows' maxima jump by more than
+    # 2^8 between tiles and the output is rescaled; with mild ones mostly not; exact either way
+    q_lens, ctx = [131, 1, 64, 77], [0, 45, 0, 150]
+    run_case(q_lens, ctx, 4, 2, 64, 16, torch.float32, seed=17, new_kv=new_kv, q_scale=q_scale,
+             block_m=32, block_n=16, lazy_rescale=True)
 
 
 def test_prefill_tma_query_needs_describable_rows():
