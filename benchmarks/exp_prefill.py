@@ -53,7 +53,7 @@ from labengine.kernels.prefill_attention import prefill_config  # noqa: E402
 # 2026-12-04), "pointers" or "tma" (from the step's K/V tensors, strided views of a fused QKV
 # row as the model passes them; the context always goes through the block table)
 def tiling(new_kv, m, n, w, s, note="", **extra):
-    """(label, launcher kwargs) of one tiling; extra: q_tma, o_tma, warp_specialize, lazy_rescale, maxnreg."""
+    """(label, launcher kwargs) of one tiling; extra: q_tma, o_tma, warp_specialize, maxnreg."""
     kw = dict(new_kv=new_kv, block_m=m, block_n=n, num_warps=w, num_stages=s, **extra)
     flags = "".join(f" +{k}" if v is True else f" {k}{v}" for k, v in extra.items())
     return f"{new_kv} M{m} N{n} w{w} s{s}{flags}{note}", kw
@@ -75,8 +75,6 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     # third session, call 2: 32-key tiles (three programs of 4 warps fit an SM's shared memory)
     tiling("tma", 64, 32, 4, 3, **QO), tiling("tma", 64, 32, 4, 4, **QO), tiling("tma", 64, 32, 4, 5, **QO),
     tiling("tma", 128, 64, 8, 2, **QO), tiling("tma", 64, 64, 4, 3, **QO, maxnreg=128),
-    # third session, call 5: FlashAttention-4's conditional rescaling of the output tile
-    tiling("tma", 64, 64, 4, 3, **QO, lazy_rescale=True), tiling("tma", 128, 128, 8, 3, **QO, lazy_rescale=True),
 ]
 
 
@@ -115,7 +113,6 @@ def paged_inputs(B, q_len, ctx, Hq=32, Hkv=8, D=128, bs=16, dtype=torch.bfloat16
 
 def contiguous_kv(cache, table, L):
     """[B, Hkv, L, D] from the paged cache."""
-    B = table.shape[0]
     bs, Hkv, D = cache.shape[1:]
     pos = torch.arange(L, device=DEV)
     slots = table.long()[:, pos // bs] * bs + pos % bs  # [B, L]

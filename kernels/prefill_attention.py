@@ -65,29 +65,20 @@ def _key_pages(bt_row, n0, seq_len, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constex
 
 
 @triton.jit
-def _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2, LAZY: tl.constexpr):
+def _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2):
     """The online softmax of one tile of raw scores qk [BLOCK_M, BLOCK_N]: returns p (base 2,
-    against the rows' reference max) and acc, m_i, l_i moved to the new reference.
+    against the rows' new running max) and acc, m_i, l_i moved to that max.
 
-    LAZY (FlashAttention-4's conditional rescaling): keep the old reference max, and skip the
-    rescale of acc (BLOCK_M x BLOCK_D multiplies), unless some row's max grew by more than
-    2^8; p then stays below 256, and the result is exact because acc and l_i share the
-    reference. The decision is one for the whole tile (a reduction over its rows)."""
+    (FlashAttention-4's conditional rescaling, skipping the rescale of acc unless a row's max
+    grew by more than 2^8, was tried on the H200 on 2026-12-04: the tile-wide branch it needs
+    made the kernel 1.1-2x slower; see benchmarks/RESULTS.md.)"""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
-    if LAZY:
-        if tl.max(m_new - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.math.exp2(qk * sm_scale_log2 - m_i[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha
+    p = tl.math.exp2(qk * sm_scale_log2 - m_new[:, None])
     l_i = l_i + tl.sum(p, 1)
-    return p, acc, m_i, l_i
+    return p, acc, m_new, l_i
 
 
 @triton.jit
@@ -101,7 +92,6 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row (no masks)
-    LAZY: tl.constexpr,  # conditional rescaling (_softmax_tile)
 ):
     """One tile of BLOCK_N keys into the online softmax; returns (acc, m_i, l_i)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -124,7 +114,7 @@ def _attend_tile(
         # visits, so m_i is finite from the first tile on and no row divides 0 by 0
         keep = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
         qk = tl.where(keep, qk, float("-inf"))
-    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2, LAZY)
+    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
     if MASKED:
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     elif HEAD_DIM == BLOCK_D:
@@ -141,7 +131,7 @@ def _paged_whole_tiles(
     n_end, limit,  # keys 0 .. n_end - 1 (a multiple of BLOCK_N), all visible to every row; keys in the sequence
     q_pos, bt_row, k_head, v_head, sm_scale_log2, stride_b, stride_t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_IEEE: tl.constexpr, TABLE_AHEAD: tl.constexpr, LAZY: tl.constexpr,
+    DOT_IEEE: tl.constexpr, TABLE_AHEAD: tl.constexpr,
 ):
     """Whole tiles of keys through the block table, no masks; the next tile's block-table
     entries read one tile ahead (TABLE_AHEAD) so no K/V address waits on a load of its own
@@ -154,7 +144,7 @@ def _paged_whole_tiles(
             pages = _key_pages(bt_row, n0, limit, BLOCK_N, PAGE_SIZE)
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, n0, pages, q_pos, limit, k_head, v_head, sm_scale_log2,
-            stride_b, stride_t, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False, LAZY)
+            stride_b, stride_t, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, False)
         if TABLE_AHEAD:
             pages = next_pages
     return acc, m_i, l_i
@@ -173,7 +163,6 @@ def _attend_new_tile(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_IEEE: tl.constexpr, NEW_KV: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
-    LAZY: tl.constexpr,  # conditional rescaling (_softmax_tile)
 ):
     """One tile of BLOCK_N new keys (rows q_start + j0 .. of the step's K/V) into the online softmax."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -195,7 +184,7 @@ def _attend_new_tile(
     if MASKED:  # causal among the new tokens, and the sequence's end
         keep = (j[None, :] <= offs_m[:, None]) & mask_n[None, :]
         qk = tl.where(keep, qk, float("-inf"))
-    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2, LAZY)
+    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
     if NEW_KV == 2:
         v = desc_v.load([q_start + j0, kv_col])
     elif MASKED:
@@ -244,7 +233,6 @@ def _prefill_kernel(
     Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
-    LAZY: tl.constexpr,  # rescale the output tile only when a row's max grew by > 2^8 (_softmax_tile)
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -292,12 +280,12 @@ def _prefill_kernel(
         ctx_whole = ctx // BLOCK_N * BLOCK_N
         acc, m_i, l_i = _paged_whole_tiles(
             q, acc, m_i, l_i, ctx_whole, ctx, q_pos, bt_row, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD, LAZY)
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD)
         if ctx_whole < ctx:
             pages = _key_pages(bt_row, ctx_whole, ctx, BLOCK_N, PAGE_SIZE)
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, ctx_whole, pages, q_pos, ctx, k_head, v_head, sm_scale_log2,
-                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True, LAZY)
+                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
         # the new keys, read where the QKV projection left them (contiguous rows, no block
         # table): whole tiles before the block's first row, then the diagonal, masked
         k_new = K_new + kvh * stride_knh
@@ -307,22 +295,22 @@ def _prefill_kernel(
         for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
-                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False, LAZY)
+                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
         for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
-                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True, LAZY)
+                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True)
     else:
         # every key through the block table: whole tiles below the diagonal without masks,
         # then the diagonal tiles, masked (at most cdiv(BLOCK_M, BLOCK_N) + 1 of them)
         acc, m_i, l_i = _paged_whole_tiles(
             q, acc, m_i, l_i, diag_start, seq_len, q_pos, bt_row, k_head, v_head, sm_scale_log2,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD, LAZY)
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, TABLE_AHEAD)
         for n0 in range(diag_start, end, BLOCK_N):
             pages = _key_pages(bt_row, n0, seq_len, BLOCK_N, PAGE_SIZE)
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, n0, pages, q_pos, seq_len, k_head, v_head, sm_scale_log2,
-                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True, LAZY)
+                stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
     if O_TMA and (mblk + 1) * BLOCK_M <= q_len:
@@ -368,7 +356,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
-                    q_tma=False, o_tma=False, warp_specialize=False, lazy_rescale=False)
+                    q_tma=False, o_tma=False, warp_specialize=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048 or max_query_len >= 8192:
@@ -380,7 +368,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False, lazy_rescale=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
@@ -417,7 +405,6 @@ def prefill_attention(
     q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
-    lazy_rescale: bool | None = None,  # FlashAttention-4's conditional rescaling (_softmax_tile)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -493,7 +480,6 @@ def prefill_attention(
         NEW_KV=NEW_KV_MODES[mode],
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
-        LAZY=bool(cfg["lazy_rescale"] if lazy_rescale is None else lazy_rescale),
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),

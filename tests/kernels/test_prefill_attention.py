@@ -99,8 +99,7 @@ def test_prefill_tilings(tiling, block_size, new_kv):
 # keys: whole and partial query blocks, a block whose rows run into the next sequence's rows
 # (its query tile holds them; they are never stored), a context ending mid-tile
 HOPPER_PATHS = [dict(q_tma=True), dict(o_tma=True), dict(q_tma=True, o_tma=True),
-                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True),
-                dict(q_tma=True, o_tma=True, lazy_rescale=True)]
+                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True)]
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no TMA descriptors")
@@ -112,13 +111,11 @@ def test_prefill_tma_query_output_and_warp_specialize(paths, new_kv):
 
 
 @pytest.mark.parametrize("new_kv", NEW_KV)
-@pytest.mark.parametrize("q_scale", [1.0, 12.0], ids=["mild", "peaked"])
-def test_prefill_lazy_rescale(q_scale, new_kv):
-    # conditional rescaling: with peaked scores (queries x12) rows' maxima jump by more than
-    # 2^8 between tiles and the output is rescaled; with mild ones mostly not; exact either way
+def test_prefill_peaked_scores(new_kv):
+    # queries x12: rows' running maxima jump by hundreds between tiles, so the online softmax
+    # rescales its output and sum often (and exp2 underflows to 0 for most keys)
     q_lens, ctx = [131, 1, 64, 77], [0, 45, 0, 150]
-    run_case(q_lens, ctx, 4, 2, 64, 16, torch.float32, seed=17, new_kv=new_kv, q_scale=q_scale,
-             block_m=32, block_n=16, lazy_rescale=True)
+    run_case(q_lens, ctx, 4, 2, 64, 16, torch.float32, seed=17, new_kv=new_kv, q_scale=12.0, block_m=32, block_n=16)
 
 
 def test_prefill_tma_query_needs_describable_rows():
