@@ -7,6 +7,7 @@ and attends keys 0 .. ctx + i. The step's own keys/values have already been writ
 the cache, but the kernel reads them where the QKV projection left them (`key`/`value`,
 rows of the step in order; by TMA descriptors on Hopper, else by pointers): whole
 contiguous tiles, no block-table lookups. Only the context is read through the block table.
+On Hopper the query tile is loaded and whole output tiles are stored by TMA too.
 (`new_kv="paged"`, or no key/value given, reads every key through the block table: the
 kernel before 2026-12-04, kept as the baseline of benchmarks/exp_prefill.py.)
 
@@ -339,7 +340,8 @@ def _tma_capable(device: torch.device) -> bool:
 
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
                    elem_size: int = 2) -> dict:
-    """The launcher's default tiling: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv.
+    """The launcher's defaults: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv,
+    q_tma, o_tma, warp_specialize.
 
     From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
@@ -408,13 +410,15 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
-    Tiling (`prefill_config`, chosen by the H200 sweep): without a long cached context,
-    BLOCK_M = 64 query rows and BLOCK_N = 64 keys with 4 warps (one Hopper warpgroup; two
-    programs share an SM); after 2,048 or more cached tokens, 128 x 128 tiles with 8 warps
-    (two warpgroups of 64 rows), fewer K/V re-reads over the long context. Fewer rows for
-    short prompts, 64 x 32 for head size 256. 3 pipeline stages: triton keeps two K/V tiles
-    in flight. The context's keys each look up their own block-table entry (read one tile
-    ahead); the step's own keys come from `key`/`value` by TMA, whole [BLOCK_N, D] tiles.
+    Tiling (`prefill_config`, chosen by the H200 sweeps): for prompts below 8,192 tokens
+    without a long cached context, BLOCK_M = 64 query rows and BLOCK_N = 64 keys with 4 warps
+    (one Hopper warpgroup; two programs share an SM); after 2,048 or more cached tokens or for
+    longer prompts, 128 x 128 tiles with 8 warps (two warpgroups of 64 rows), fewer K/V
+    re-reads over the long key range. Fewer rows for short prompts, 64 x 32 for head size 256.
+    3 pipeline stages: triton keeps two K/V tiles in flight. The context's keys each look up
+    their own block-table entry (read one tile ahead); the step's own keys come from
+    `key`/`value` by TMA, whole [BLOCK_N, D] tiles, and so do the query tile and every whole
+    output tile (a sequence's partial last block is stored by pointers).
     The query blocks and heads are all independent programs: grid (Hq, B, cdiv(max_query_len,
     BLOCK_M)), heaviest blocks first.
     """
