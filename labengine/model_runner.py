@@ -354,7 +354,6 @@ class ModelRunner:
             tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
             qsl=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
         )
-        pool = None
         # No garbage collection while capturing (as vLLM's capture): a collection that frees an
         # earlier engine's objects in the middle of a capture (its pinned buffers, events,
         # graphs) makes CUDA calls that are illegal then, and the capture fails with
@@ -363,7 +362,7 @@ class ModelRunner:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._capture_sizes(sorted(sizes, reverse=True), io, pool)
+            self._capture_sizes(sorted(sizes, reverse=True), io)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -372,7 +371,9 @@ class ModelRunner:
         logger.info("Captured CUDA graphs for decode batch sizes %s in %.1f s", sorted(sizes),
                     time.perf_counter() - t0)
 
-    def _capture_sizes(self, sizes, io, pool) -> None:
+    def _capture_sizes(self, sizes, io) -> None:
+        """Capture the sizes largest first; the smaller graphs share the first one's memory pool."""
+        pool = None
         for size in sizes:
             meta = AttentionMetadata(
                 is_prefill=False, slot_mapping=io["slots"][:size], query_start_loc=io["qsl"][:size + 1],
