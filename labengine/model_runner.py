@@ -159,16 +159,17 @@ class ModelRunner:
         qsl = [0]
         for q in query_lens:
             qsl.append(qsl[-1] + q)
+        context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
         return AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=slot_mapping,
             query_start_loc=to_device(qsl, torch.int32, dev),
             seq_lens=to_device(seq_lens, torch.int32, dev),
-            context_lens=to_device([s - q for s, q in zip(seq_lens, query_lens)], torch.int32, dev),
+            context_lens=to_device(context_lens, torch.int32, dev),
             block_tables=block_tables,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
-            max_context_len=max(s - q for s, q in zip(seq_lens, query_lens)),
+            max_context_len=max(context_lens),
             seq_lens_list=list(seq_lens),
             query_lens_list=list(query_lens),
         )
