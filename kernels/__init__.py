@@ -29,7 +29,7 @@ import os
 import sys
 
 __all__ = [
-    "decode_attention", "decode_attention_ref", "choose_num_splits",
+    "decode_attention", "decode_attention_ref", "choose_num_splits", "longest_first",
     "prefill_attention", "prefill_attention_ref",
     "rms_norm", "rms_norm_ref", "qk_norm_rope", "qk_norm_rope_ref", "silu_and_mul", "silu_and_mul_ref",
     "sample", "sampling_probs_ref",
@@ -77,6 +77,6 @@ else:
     from .layer_ops import (
         qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
     )
-    from .decode_attention import choose_num_splits, decode_attention, decode_attention_ref
+    from .decode_attention import choose_num_splits, decode_attention, decode_attention_ref, longest_first
     from .prefill_attention import prefill_attention, prefill_attention_ref
     from .sampling import sample, sampling_probs_ref

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +122,7 @@ def _decode_stage1_kernel(
     V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache, last dim contiguous
     Block_tables,  # [B, max_blocks] int32 physical block of each logical block
     Seq_lens,  # [B] int32 number of cached keys of each sequence (incl. this token)
+    Order,  # [B] int32 the sequence each row of programs attends (HAS_ORDER): longest first
     Out,  # [B, Hq, D] final output (written when NUM_SPLITS == 1)
     Mid_o,  # [B, Hq, NUM_SPLITS, D] fp32 normalised partial outputs (NUM_SPLITS > 1)
     Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp of each split (NUM_SPLITS > 1)
@@ -142,6 +144,7 @@ def _decode_stage1_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_IEEE: tl.constexpr,  # exact fp32 dots (fp32 inputs, or any input in the interpreter)
     HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, S) instead of (B, Hkv, S)
+    HAS_ORDER: tl.constexpr,  # programs take their sequence from Order (else row b = sequence b)
 ):
     if HEAD_FASTEST:
         # the KV heads of one sequence run side by side and read neighbouring bytes of
@@ -152,6 +155,10 @@ def _decode_stage1_kernel(
         b = tl.program_id(0)
         kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if HAS_ORDER:
+        # the GPU starts programs roughly in grid order: with the longest sequences first, the
+        # last programs to start are the shortest and the SMs run out of work together
+        b = tl.load(Order + b)
 
     seq_len = tl.load(Seq_lens + b)
     # Split boundaries are aligned to BLOCK_N so every tile is made of whole pages.
@@ -342,6 +349,7 @@ def decode_attention(
     head_fastest: bool | None = None,
     maxnreg: int | None = None,  # registers per thread (0: no cap)
     merge_warps: int | None = None,
+    order: torch.Tensor | None = None,  # [B] int32 permutation: the sequences in launch order (longest first)
 ) -> torch.Tensor:
     """Paged decode attention; returns out [B, Hq, D] in query's dtype.
 
@@ -359,6 +367,13 @@ def decode_attention(
     Splits from choose_num_splits, given how many programs an SM holds. The merge (stage 2)
     runs one warp per (sequence, query head): its tiles are tiny. No host syncs: safe under
     CUDA graphs.
+
+    order: the GPU starts a grid's programs roughly in order and hands each SM the next one
+    as a slot frees, so when sequence lengths differ (a real batch) the programs that start
+    last decide when the kernel ends. With the sequences passed longest first (`order[i]` is
+    the sequence of the i-th row of programs; `longest_first` builds it on the host), the
+    last programs are the shortest, the classic longest-processing-time-first schedule.
+    Without it, row i attends sequence i.
     """
     B, Hq, D = query.shape
     num_blocks, page_size, Hkv, Dk = k_cache.shape
@@ -396,9 +411,11 @@ def decode_attention(
 
     if head_fastest is None:
         head_fastest = HEAD_FASTEST_DEFAULT
+    if order is not None:
+        assert order.shape == (B,) and order.dtype == torch.int32, "order must be [B] int32"
     grid = (Hkv, B, num_splits) if head_fastest else (B, Hkv, num_splits)
     _decode_stage1_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        query, k_cache, v_cache, block_tables, seq_lens, seq_lens if order is None else order, out, mid_o, mid_lse,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -409,7 +426,7 @@ def decode_attention(
         *ml_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
-        HEAD_FASTEST=head_fastest, num_warps=num_warps, num_stages=num_stages,
+        HEAD_FASTEST=head_fastest, HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages,
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
     )
     if num_splits > 1:
@@ -422,6 +439,17 @@ def decode_attention(
             num_warps=merge_warps or (1 if BLOCK_D <= 128 else 2),  # H200: 1 warp 1-3% faster than 4
         )
     return out
+
+
+def longest_first(seq_lens, size: int | None = None) -> np.ndarray:
+    """The `order` argument of decode_attention, on the host: the indices of seq_lens from the
+    longest sequence to the shortest (ties in index order), then size - len(seq_lens) padding
+    rows (a CUDA graph's batch bucket) last, in index order. int32 numpy array of length size."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    order = np.argsort(-lens, kind="stable").astype(np.int32)
+    if size is not None and size > len(lens):
+        order = np.concatenate([order, np.arange(len(lens), size, dtype=np.int32)])
+    return order
 
 
 # ---------------------------------------------------------------------------- reference

@@ -1,6 +1,7 @@
 """Decode (flash-decoding) kernel vs its PyTorch reference, on fresh random paged caches."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
@@ -10,6 +11,7 @@ from labengine.kernels.decode_attention import (
     choose_num_splits,
     decode_attention,
     decode_attention_ref,
+    longest_first,
     programs_per_sm,
 )
 
@@ -59,6 +61,32 @@ def test_decode_grid_orders_and_tilings(head_fastest):
     for block_n, stages in ((32, 2), (128, 3)):
         run_case([3, 90, 64], 8, 2, 64, 16, torch.bfloat16, num_splits=2, seed=block_n,
                  head_fastest=head_fastest, block_n=block_n, num_stages=stages)
+
+
+def test_longest_first():
+    assert longest_first([5, 900, 5, 17]).tolist() == [1, 3, 0, 2]  # ties keep index order
+    assert longest_first([5, 900, 5, 17], size=6).tolist() == [1, 3, 0, 2, 4, 5]  # padding rows last
+    order = longest_first([3, 1, 2])
+    assert order.dtype == np.int32 and sorted(order.tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("head_fastest", [False, True])
+def test_decode_launch_order_changes_the_schedule_not_the_result(num_splits, head_fastest):
+    # programs take their sequence from `order`: longest first, and a shuffled permutation;
+    # every sequence's output lands in its own row either way
+    lens = [3, 200, 65, 1, 130]
+    gen = torch.Generator().manual_seed(21)
+    shuffled = torch.randperm(len(lens), generator=gen).to(torch.int32).tolist()
+    for order in (longest_first(lens).tolist(), shuffled):
+        run_case(lens, 8, 2, 64, 16, torch.bfloat16, num_splits=num_splits, seed=22, head_fastest=head_fastest,
+                 order=torch.tensor(order, dtype=torch.int32, device=DEVICE))
+
+
+def test_decode_launch_order_is_checked():
+    with pytest.raises(AssertionError, match="order must be"):
+        run_case([3, 4], 8, 2, 64, 16, torch.float32, num_splits=1, seed=1,
+                 order=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
 
 
 def test_decode_whole_tiles_and_tails():
