@@ -160,6 +160,7 @@ class ModelRunner:
         for q in query_lens:
             qsl.append(qsl[-1] + q)
         context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
+        order = None if is_prefill else self.attn_backend.decode_launch_order(seq_lens)
         return AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=slot_mapping,
@@ -172,6 +173,7 @@ class ModelRunner:
             max_context_len=max(context_lens),
             seq_lens_list=list(seq_lens),
             query_lens_list=list(query_lens),
+            decode_order=None if order is None else to_device(order, torch.int32, dev),
         )
 
     def prepare_inputs(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], pending=None):
@@ -354,6 +356,9 @@ class ModelRunner:
             context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
             tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
             qsl=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
+            # the decode kernel's launch order; padding rows (seq_len 1) go last, in index order
+            order=torch.arange(max_bs, dtype=torch.int32, device=dev),
+            identity=torch.arange(max_bs, dtype=torch.int32, device=dev),
         )
         # No garbage collection while capturing (as vLLM's capture): a collection that frees an
         # earlier engine's objects in the middle of a capture (its pinned buffers, events,
@@ -380,7 +385,8 @@ class ModelRunner:
                 is_prefill=False, slot_mapping=io["slots"][:size], query_start_loc=io["qsl"][:size + 1],
                 seq_lens=io["seq_lens"][:size], context_lens=io["context_lens"][:size],
                 block_tables=io["tables"][:size], max_query_len=1, max_seq_len=self._graph_max_len,
-                seq_lens_list=[self._graph_max_len] * size, query_lens_list=[1] * size)
+                seq_lens_list=[self._graph_max_len] * size, query_lens_list=[1] * size,
+                decode_order=io["order"][:size])
             # Warm up outside the graph (Triton compiles here), then capture.
             self.model.compute_logits(self.model(io["ids"][:size], io["pos"][:size], self.kv_caches, meta))
             torch.cuda.synchronize()
@@ -402,5 +408,11 @@ class ModelRunner:
         io["seq_lens"][n:size].fill_(1)
         io["context_lens"][:n].copy_(meta.context_lens)
         io["tables"][:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        # the captured kernels read io["order"][:size]: it must stay a permutation of range(size)
+        if meta.decode_order is not None:
+            io["order"][:n].copy_(meta.decode_order)
+            io["order"][n:size].copy_(io["identity"][n:size])
+        else:
+            io["order"][:size].copy_(io["identity"][:size])
         self.graphs[size].replay()
         return io[("logits", size)]

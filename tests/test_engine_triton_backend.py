@@ -64,3 +64,31 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_backend_name("triton", cpu)
+
+
+def test_decode_steps_take_the_longest_sequences_first(model_path):
+    """Each decode step hands the decode kernel its sequences longest first (the launch order
+    of its programs), a permutation of the batch; prefill steps pass none. The outputs are
+    those of the PyTorch path (test above), so the order changes the schedule only."""
+    import numpy as np
+
+    llm = LLM(model=model_path, attention_backend="triton", max_model_len=64, block_size=16)
+    backend = llm.llm_engine.model_runner.attn_backend
+    seen = []
+    forward = backend.forward
+
+    def spy(query, key, value, kv_cache, meta, scale):
+        seen.append((meta.is_prefill, list(meta.seq_lens_list),
+                     None if meta.decode_order is None else meta.decode_order.tolist()))
+        return forward(query, key, value, kv_cache, meta, scale)
+
+    backend.forward = spy
+    prompts = ["Hi", "Once upon a time there was a little robot", "The capital of France is"]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    decodes = [(lens, order) for prefill, lens, order in seen if not prefill]
+    assert decodes and all(order is None for prefill, _, order in seen if prefill)
+    for lens, order in decodes:
+        assert sorted(order) == list(range(len(lens)))
+        assert [lens[i] for i in order] == sorted(lens, reverse=True)
+    assert any(order != sorted(order) for _, order in decodes)  # the longest prompt is not the first
+    assert np.array_equal(decodes[0][1], [1, 2, 0])

@@ -31,6 +31,9 @@ class AttentionMetadata:
     max_context_len: int = 0  # longest cached context of the step (picks the prefill kernel's tiling)
     seq_lens_list: list[int] = field(default_factory=list)
     query_lens_list: list[int] = field(default_factory=list)
+    # [num_seqs] int32, decode steps on backends that schedule by it: the order in which the
+    # decode kernel's programs take the sequences (longest first; see decode_launch_order)
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -45,6 +48,11 @@ class AttentionBackend:
 
     def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
         raise NotImplementedError
+
+    def decode_launch_order(self, seq_lens: list[int]):
+        """The order in which a decode step's kernel should take the sequences (an int32 numpy
+        array, a permutation of range(len(seq_lens))), or None: this backend has no use for one."""
+        return None
 
     def copy_blocks(self, kv_caches, src_to_dst):
         raise NotImplementedError

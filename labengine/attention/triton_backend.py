@@ -4,7 +4,8 @@ forward(query, key, value, kv_cache, meta, scale):
   1. `store_kv` writes the step's keys/values into the paged cache at meta.slot_mapping
      (slot -1 skipped);
   2. decode steps (`not meta.is_prefill`, one query token per sequence) run the
-     flash-decoding kernel, which reads every key through meta.block_tables; prefill steps
+     flash-decoding kernel, which reads every key through meta.block_tables and takes the
+     sequences longest first (meta.decode_order, from `decode_launch_order`); prefill steps
      (prompts, chunked prompts, cached prefixes, recomputation) run the causal varlen
      prefill kernel, which reads the context through the block table and the step's own
      keys/values from `key`/`value` where the projection left them.
@@ -81,12 +82,17 @@ class TritonAttentionBackend(AttentionBackend):
             # one token per sequence: T == num_seqs
             return kernels.decode_attention(
                 query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                max_seq_len=meta.max_seq_len,
+                max_seq_len=meta.max_seq_len, order=meta.decode_order,
             )
         return kernels.prefill_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             max_query_len=meta.max_query_len, max_context_len=meta.max_context_len, key=key, value=value,
         )
+
+    def decode_launch_order(self, seq_lens: list[int]):
+        """Longest sequences first: the decode kernel's last programs are then the shortest
+        (its docstring says why)."""
+        return kernels.longest_first(seq_lens)
 
     def copy_blocks(self, kv_caches, src_to_dst) -> None:
         """Copy-on-write: for each (src, dst), block dst <- block src in every layer's K and V."""
