@@ -152,6 +152,44 @@ def _paged_whole_tiles(
 
 
 @triton.jit
+def _new_k_tile(K_new, desc_k, j0, q_start, q_len, kv_col, stride_knt,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                NEW_KV: tl.constexpr, MASKED: tl.constexpr):
+    """K^T tile [BLOCK_D, BLOCK_N] of new keys j0 .. j0 + BLOCK_N - 1 (zeros past q_len when MASKED;
+    by TMA, rows past the step's last token are zeros and rows of the next sequence are read)."""
+    if NEW_KV == 2:
+        # TMA: the copy engine fetches the [BLOCK_N, D] tile
+        return desc_k.load([q_start + j0, kv_col]).T
+    offs_d = tl.arange(0, BLOCK_D)
+    j = j0 + tl.arange(0, BLOCK_N)
+    rows = (q_start + j).to(tl.int64)
+    mask = (offs_d < HEAD_DIM)[:, None]
+    if MASKED:
+        mask = mask & (j < q_len)[None, :]
+    return tl.load(K_new + rows[None, :] * stride_knt + offs_d[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _new_v_tile(V_new, desc_v, j0, q_start, q_len, kv_col, stride_vnt,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                NEW_KV: tl.constexpr, MASKED: tl.constexpr):
+    """V tile [BLOCK_N, BLOCK_D] of new keys j0 .. j0 + BLOCK_N - 1 (zeros past q_len when MASKED)."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    if NEW_KV == 2:
+        v = desc_v.load([q_start + j0, kv_col])
+        if MASKED:
+            # zero the rows of the next sequence: their p is 0, but 0 * (a NaN or inf there) is not
+            v = tl.where((j < q_len)[:, None], v, 0.0)
+        return v
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (q_start + j).to(tl.int64)
+    mask = (offs_d < HEAD_DIM)[None, :]
+    if MASKED:
+        mask = mask & (j < q_len)[:, None]
+    return tl.load(V_new + rows[:, None] * stride_vnt + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attend_new_tile(
     q, acc, m_i, l_i,  # as in _attend_tile
     j0, q_start, q_len,  # first new key of the tile (0 = the sequence's first new token); its row offset; new keys
@@ -166,36 +204,48 @@ def _attend_new_tile(
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
 ):
     """One tile of BLOCK_N new keys (rows q_start + j0 .. of the step's K/V) into the online softmax."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    j = j0 + offs_n
-    mask_d = offs_d < HEAD_DIM
-    mask_n = j < q_len
-    rows = (q_start + j).to(tl.int64)
-    if NEW_KV == 2:
-        # TMA: the copy engine fetches the [BLOCK_N, D] tile; rows past the step's last token
-        # come back as zeros, rows of the next sequence are masked out below
-        k = desc_k.load([q_start + j0, kv_col]).T
-    elif MASKED:
-        k = tl.load(K_new + rows[None, :] * stride_knt + offs_d[:, None],
-                    mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-    else:
-        k = tl.load(K_new + rows[None, :] * stride_knt + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+    k = _new_k_tile(K_new, desc_k, j0, q_start, q_len, kv_col, stride_knt, HEAD_DIM, BLOCK_D, BLOCK_N,
+                    NEW_KV, MASKED)
     qk = dot(q, k, DOT_IEEE)
     if MASKED:  # causal among the new tokens, and the sequence's end
-        keep = (j[None, :] <= offs_m[:, None]) & mask_n[None, :]
+        j = j0 + tl.arange(0, BLOCK_N)
+        keep = (j[None, :] <= offs_m[:, None]) & (j < q_len)[None, :]
         qk = tl.where(keep, qk, float("-inf"))
     p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
-    if NEW_KV == 2:
-        v = desc_v.load([q_start + j0, kv_col])
-    elif MASKED:
-        v = tl.load(V_new + rows[:, None] * stride_vnt + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    else:
-        v = tl.load(V_new + rows[:, None] * stride_vnt + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    if NEW_KV == 2 and MASKED:
-        # zero the rows of the next sequence: their p is 0, but 0 * (a NaN or inf there) is not
-        v = tl.where(mask_n[:, None], v, 0.0)
+    v = _new_v_tile(V_new, desc_v, j0, q_start, q_len, kv_col, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N,
+                    NEW_KV, MASKED)
+    acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _new_whole_tiles_qk_ahead(
+    q, acc, m_i, l_i,  # as in _attend_tile
+    n_tiles,  # whole tiles of new keys 0 .. n_tiles * BLOCK_N - 1, all visible to every row (>= 1)
+    q_start, q_len, K_new, V_new, desc_k, desc_v, kv_col, sm_scale_log2, stride_knt, stride_vnt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IEEE: tl.constexpr, NEW_KV: tl.constexpr,
+):
+    """The whole tiles of new keys, software-pipelined by hand (FlashAttention-3's overlap of
+    softmax and matmul within a warpgroup): the scores of tile t + 1 are issued before the
+    softmax of tile t, so on Hopper the tensor cores can compute them (an asynchronous
+    wgmma) while the same warps do tile t's exponentials. Same arithmetic as _attend_new_tile."""
+    k = _new_k_tile(K_new, desc_k, 0, q_start, q_len, kv_col, stride_knt, HEAD_DIM, BLOCK_D, BLOCK_N,
+                    NEW_KV, False)
+    qk = dot(q, k, DOT_IEEE)
+    for t in range(0, n_tiles - 1):
+        j0 = t * BLOCK_N
+        k = _new_k_tile(K_new, desc_k, j0 + BLOCK_N, q_start, q_len, kv_col, stride_knt, HEAD_DIM, BLOCK_D,
+                        BLOCK_N, NEW_KV, False)
+        qk_next = dot(q, k, DOT_IEEE)
+        p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
+        v = _new_v_tile(V_new, desc_v, j0, q_start, q_len, kv_col, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N,
+                        NEW_KV, False)
+        acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
+        qk = qk_next
+    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
+    v = _new_v_tile(V_new, desc_v, (n_tiles - 1) * BLOCK_N, q_start, q_len, kv_col, stride_vnt, HEAD_DIM,
+                    BLOCK_D, BLOCK_N, NEW_KV, False)
     acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
     return acc, m_i, l_i
 
@@ -234,6 +284,7 @@ def _prefill_kernel(
     Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
+    QK_AHEAD: tl.constexpr,  # that loop software-pipelined: tile t + 1's scores issued before tile t's softmax
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -293,10 +344,17 @@ def _prefill_kernel(
         v_new = V_new + kvh * stride_vnh
         first_row = mblk * BLOCK_M
         diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
-        for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
-            acc, m_i, l_i = _attend_new_tile(
-                q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
-                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
+        if QK_AHEAD:
+            if diag_j > 0:
+                acc, m_i, l_i = _new_whole_tiles_qk_ahead(
+                    q, acc, m_i, l_i, diag_j // BLOCK_N, q_start, q_len, k_new, v_new, desc_k, desc_v,
+                    kvh * HEAD_DIM, sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N,
+                    DOT_IEEE, NEW_KV)
+        else:
+            for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
+                acc, m_i, l_i = _attend_new_tile(
+                    q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
+                    sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
         for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
@@ -341,7 +399,7 @@ def _tma_capable(device: torch.device) -> bool:
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
                    elem_size: int = 2) -> dict:
     """The launcher's defaults: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv,
-    q_tma, o_tma, warp_specialize.
+    q_tma, o_tma, warp_specialize, qk_ahead.
 
     From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
@@ -358,7 +416,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
-                    q_tma=False, o_tma=False, warp_specialize=False)
+                    q_tma=False, o_tma=False, warp_specialize=False, qk_ahead=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048 or max_query_len >= 8192:
@@ -370,7 +428,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False, qk_ahead=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
@@ -407,6 +465,7 @@ def prefill_attention(
     q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
+    qk_ahead: bool | None = None,  # software-pipeline that loop by hand (the scores one tile ahead)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -484,6 +543,7 @@ def prefill_attention(
         NEW_KV=NEW_KV_MODES[mode],
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
+        QK_AHEAD=bool(cfg["qk_ahead"] if qk_ahead is None else qk_ahead) and mode != "paged",
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
