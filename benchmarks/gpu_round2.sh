@@ -4,6 +4,7 @@
 # Steps, each under its own `timeout` so the whole stays near 540 s; logs under $OUT (8 files max):
 #   e) lesson notebooks (solutions/, labs/) under nbval on the GPU          -> nbval.log
 #   f) engine + kernel tests on the GPU                                     -> tests.log
+#   h) exp_decode_order.py: the decode kernel in batch order vs longest first (S_DORDER, off by default) -> throughput.log
 #   a) throughput.py: engine defaults vs hand-tuned, same run, % of roofline -> throughput.log
 #   g) issue 21.6: the commits before/after tensor parallelism, A/B alternating -> throughput.log (appended)
 #      (the trees of 7e24f9f and d07ea77, prepared here as .gl/old and .gl/tp: see benchmarks/GPU_ROUND2.md)
@@ -55,7 +56,8 @@ run_step() {
 }
 if [ "$DRY" = 0 ]; then
   S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
-  S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60}
+  S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60} S_DORDER=${S_DORDER:-0}
+  DORDER_ARGS=""
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
   TP_ARGS=""; PREFILL_ARGS=${P_ARGS:-"--quick"}
   SERVE_ARGS=${SV_ARGS:-"--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"}
@@ -63,7 +65,8 @@ if [ "$DRY" = 0 ]; then
   NOTEBOOKS=${NOTEBOOKS:-solutions labs}
   GPU_TESTS=${G_TESTS:-"tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"}
 else
-  S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200
+  S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200 S_DORDER=120
+  DORDER_ARGS="--smoke"
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
   TP_ARGS="--smoke"; PREFILL_ARGS="--smoke --quick"
   SERVE_ARGS="--num-prompts 6 --max-tokens 4 --request-rates 2,inf --skip-offline --device cpu"
@@ -83,6 +86,12 @@ fi
 run_step "f gpu tests" "$S_TESTS" tests.log $PY -m pytest -q -rf -p no:cacheprovider ${T_PAR/TW/$TW} ${T_ARGS:-} \
   --durations=10 $GPU_TESTS tests/test_tensor_parallel.py -k "not tp2 and not beside and (one_rank or more_ranks or not tensor_parallel)"
 note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
+
+# h) the decode kernel on a real batch's lengths: batch order vs longest first (issue 20 item 2)
+if [ "$S_DORDER" -gt 0 ]; then
+run_step "h decode kernel order" "$S_DORDER" throughput.log $PY benchmarks/exp_decode_order.py $DORDER_ARGS
+note "  $(grep -E '^\| 256 \| workload \| (batch order|longest first) \|' "$OUT/throughput.log" | tr '\n' ';')"
+fi
 
 # a) defaults vs tuned, same run (issue 20 item 2)
 run_step "a throughput defaults vs tuned (HEAD)" "$S_TP" throughput.log $PY benchmarks/throughput.py --baselines none \

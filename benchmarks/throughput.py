@@ -338,7 +338,8 @@ def main():
     ap.add_argument("--ablate", default="",
                     help="comma list of labengine runs with one optimisation switched off, timed after the main run: "
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
-                         "sampling_kernel (the PyTorch sampler)")
+                         "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
+                         "not longest first)")
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
                          "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
@@ -461,29 +462,36 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
 class ablated:
     """Build the engine with one optimisation off (a benchmark-only switch, for measuring it):
     "fused_layers": the models keep PyTorch's norm/rotary/SiLU ops on the Triton path;
-    "sampling_kernel": the sampler uses its PyTorch methods."""
+    "sampling_kernel": the sampler uses its PyTorch methods;
+    "decode_order": the decode kernel takes the sequences in batch order, not longest first."""
+
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order")
 
     def __init__(self, what):
-        if what not in ("fused_layers", "sampling_kernel"):
-            raise SystemExit(f"--ablate {what!r}: allowed: fused_layers, sampling_kernel")
+        if what not in self.WHAT:
+            raise SystemExit(f"--ablate {what!r}: allowed: {', '.join(self.WHAT)}")
         self.what = what
 
     def __enter__(self):
         import labengine.llm_engine as le
         import labengine.models.llama as llama
+        from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        self.saved = (llama.use_fused_kernels, le.Sampler)
+        self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
-        else:
+        elif self.what == "sampling_kernel":
             base = le.Sampler
             le.Sampler = lambda *a, kernels=None, **kw: base(*a, **kw)
+        else:
+            TAB.decode_launch_order = lambda self, seq_lens: None
 
     def __exit__(self, *exc):
         import labengine.llm_engine as le
         import labengine.models.llama as llama
+        from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        llama.use_fused_kernels, le.Sampler = self.saved
+        llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order = self.saved
 
 
 def run_baselines(args, path, prompts, outputs, results, counted):
