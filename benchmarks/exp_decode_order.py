@@ -15,6 +15,7 @@ bench_kernels.py; max_seq_len = 4096 as under the engine's CUDA graphs):
   longest first    `order = longest_first(lens)` (the launcher's default in the engine)
   shortest first   the worst order, for scale
   ... x splits     the same with num_splits=2 (the launcher picks 1 at these batches)
+  batch order, X   other tilings (BLOCK_N, stages, warps) on the real lengths
   equal lengths    every sequence at the batch's mean length: the balanced case, same bytes
 
 and prints each against the device's copy bandwidth (bytes: q, K, V, out). Every variant's
@@ -68,6 +69,7 @@ def main():
     ap.add_argument("--batches", default="256,128,64")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    import labengine.attention.triton_backend  # noqa: F401  (makes labengine.kernels importable from a checkout)
     from labengine.kernels.decode_attention import decode_attention, decode_attention_ref, longest_first
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +77,7 @@ def main():
     if not smoke:
         import bench_kernels as BK
 
-        copy_bw = BK.copy_bandwidth()
+        copy_bw = BK.copy_bandwidth()[0]
         print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
     batches = [4] if smoke else [int(b) for b in args.batches.split(",")]
     rows = []
@@ -96,15 +98,24 @@ def main():
                 if case == "equal lengths" and name != "batch order":
                     continue
                 for splits in (None, 2):
-                    variants.append((f"{name}" + ("" if splits is None else f", {splits} splits"), order, splits))
+                    variants.append((f"{name}" + ("" if splits is None else f", {splits} splits"), order, splits, {}))
+            if case == "workload":  # other tilings on the real lengths, batch order
+                for kw in (dict(block_n=128), dict(block_n=32), dict(block_n=32, num_stages=3),
+                           dict(num_warps=8), dict(num_stages=3)):
+                    variants.append(("batch order, " + " ".join(f"{k}={v}" for k, v in kw.items()), None, None, kw))
+                for kw in (dict(num_stages=3), dict(block_n=128), dict(block_n=128, num_stages=3)):
+                    variants.append(("longest first, " + " ".join(f"{k}={v}" for k, v in kw.items()),
+                                     orders["longest first"], None, kw))
+                variants.append(("longest first, 2 splits, num_stages=3", orders["longest first"], 2,
+                                 dict(num_stages=3)))
             q, kc, vc, table, sl = sets[0]
             ref = decode_attention_ref(q, kc, vc, table, sl, SCALE, compute_dtype=torch.float32)
             first = None
-            for label, order, splits in variants:
+            for label, order, splits, kw in variants:
                 ot = None if order is None else torch.tensor(order, dtype=torch.int32, device=dev)
                 outs = [torch.empty(B, HQ, D, dtype=torch.bfloat16, device=dev) for _ in sets]
                 fns = [lambda st=st, o=o: decode_attention(*st, SCALE, max_seq_len=MAX_MODEL_LEN, out=o,
-                                                           num_splits=splits, order=ot)
+                                                           num_splits=splits, order=ot, **kw)
                        for st, o in zip(sets, outs)]
                 fns[0]()
                 if dev.type == "cuda":
@@ -113,7 +124,7 @@ def main():
                 assert err < 1e-2, f"{case} {label}: rel err {err:.2e}"
                 if splits is None and first is None:
                     first = outs[0].clone()
-                elif splits is None:
+                elif splits is None and not kw:
                     assert torch.equal(outs[0], first), f"{case} {label}: the order changed the bits"
                 t = fns[0]() if smoke else BK.bench_graph(fns)
                 if smoke:

@@ -6,8 +6,9 @@ Builds the Qwen3-0.6B-shaped random model and the 256-request workload of throug
 runs the prefills and --warm-steps decode steps, then:
   * times one decode step's parts on the GPU with CUDA events (graph replay = the whole
     forward incl. logits; the sampler), synchronising between them;
-  * times the decode attention kernel alone on that step's real block tables and lengths,
-    and reports its bandwidth against the device copy bandwidth;
+  * times the decode attention kernel alone on that step's real block tables and lengths, in
+    batch order and longest first, and reports its bandwidth against the device copy bandwidth;
+    the graph replay too in both orders;
   * records --steps decode steps with torch.profiler and prints the kernels by GPU time.
 """
 import argparse
@@ -34,6 +35,41 @@ def cuda_ms(fn, reps=5):
     return s.elapsed_time(e) / reps
 
 
+def measure_step(engine, runner, decode_attention, bw, n):
+    """One decode step by hand, part by part, after n engine steps; the decode kernel with the
+    sequences in batch order and longest first (the launcher's `order`), on the step's own tables."""
+    import dataclasses
+
+    out = engine.scheduler.schedule()
+    assert not out.is_prefill
+    tables = engine.scheduler.block_manager.block_tables
+    ids, pos, meta, rows, smeta = runner.prepare_inputs(out, tables)
+    bs = runner._graph_batch_size(meta)
+    plain = dataclasses.replace(meta, decode_order=None)
+    fwd = cuda_ms(lambda: runner._replay_graph(bs, ids, pos, meta), reps=20)
+    fwd_plain = cuda_ms(lambda: runner._replay_graph(bs, ids, pos, plain), reps=20)
+    logits = runner._replay_graph(bs, ids, pos, meta)[: ids.shape[0]]
+    samp = cuda_ms(lambda: engine.sampler(logits, smeta))
+    lens = meta.seq_lens_list
+    print(f"after {n} steps: decode step, batch {meta.num_seqs} (graph {bs}), context max {max(lens)}, "
+          f"mean {sum(lens) / len(lens):.0f}, min {min(lens)}: graph replay {fwd:.3f} ms "
+          f"({fwd_plain:.3f} ms in batch order), sampler {samp:.3f} ms")
+    m = runner.model
+    k, v = runner.kv_caches[0]
+    q = torch.randn(meta.num_seqs, tp.QWEN3_0_6B["num_attention_heads"], k.shape[-1],
+                    dtype=k.dtype, device=k.device)
+    scale = k.shape[-1] ** -0.5
+    nbytes = sum(lens) * 2 * k.shape[2] * k.shape[3] * k.element_size() + 2 * q.numel() * 2
+    for label, maxlen in (("max_seq_len = this step's", meta.max_seq_len),
+                          ("max_seq_len = captured", runner._graph_max_len)):
+        for oname, order in (("batch order", None), ("longest first", meta.decode_order)):
+            att = cuda_ms(lambda: decode_attention(q, k, v, meta.block_tables, meta.seq_lens, scale,
+                                                   max_seq_len=maxlen, order=order), reps=20)
+            print(f"  decode attention alone, one layer ({label}, {oname}): {1e3 * att:.1f} us, "
+                  f"{100 * nbytes / att / 1e-3 / bw:.1f}% of copy ({bw / 1e12:.2f} TB/s); "
+                  f"x{m.num_layers} layers = {att * m.num_layers:.2f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -56,30 +92,7 @@ def main():
     while n < args.warm_steps:
         engine.step()
         n += 1
-    # One decode step by hand, part by part.
-    out = engine.scheduler.schedule()
-    assert not out.is_prefill
-
-    tables = engine.scheduler.block_manager.block_tables
-    ids, pos, meta, rows, smeta = runner.prepare_inputs(out, tables)
-    bs = runner._graph_batch_size(meta)
-    fwd = cuda_ms(lambda: runner._replay_graph(bs, ids, pos, meta))
-    logits = runner._replay_graph(bs, ids, pos, meta)[: ids.shape[0]]
-    samp = cuda_ms(lambda: engine.sampler(logits, smeta))
-    print(f"decode step, batch {meta.num_seqs} (graph {bs}), max context {meta.max_seq_len}, "
-          f"mean {sum(meta.seq_lens_list) / meta.num_seqs:.0f}: graph replay {fwd:.3f} ms, sampler {samp:.3f} ms")
-    m = runner.model
-    k, v = runner.kv_caches[0]
-    q = torch.randn(meta.num_seqs, tp.QWEN3_0_6B["num_attention_heads"], k.shape[-1],
-                    dtype=k.dtype, device=k.device)
-    scale = k.shape[-1] ** -0.5
-    for label, maxlen in (("max_seq_len = this step's", meta.max_seq_len), ("max_seq_len = captured", 2048)):
-        att = cuda_ms(lambda: decode_attention(q, k, v, meta.block_tables, meta.seq_lens, scale,
-                                               max_seq_len=maxlen), reps=20)
-        nbytes = sum(meta.seq_lens_list) * 2 * k.shape[2] * k.shape[3] * k.element_size() + 2 * q.numel() * 2
-        print(f"decode attention alone, one layer ({label}): {1e3 * att:.1f} us, {nbytes / att / 1e6:.0f} GB/s "
-              f"= {100 * nbytes / att / 1e-3 / bw:.1f}% of copy ({bw / 1e12:.2f} TB/s); x{m.num_layers} layers = "
-              f"{att * m.num_layers:.2f} ms")
+    measure_step(engine, runner, decode_attention, bw, n)
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()

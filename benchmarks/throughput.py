@@ -340,6 +340,10 @@ def main():
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
                          "not longest first)")
+    ap.add_argument("--ab", default="", choices=("", "decode_order"),
+                    help="decode_order: time the first defaults configuration with the longest-first decode order "
+                         "on and off, alternating, in the same engine (--ab-rounds rounds)")
+    ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
                          "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
@@ -414,6 +418,8 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
         if args.analyze and c == "defaults":  # where the default configuration's time goes (issue 20 item 2)
             analyze_labengine(llm, prompts, outputs)
+        if args.ab and c == configs[0]:
+            ab_in_one_engine(llm, args.ab, args.ab_rounds, prompts, outputs, key, results, counted)
         del llm
     if "tuned" not in configs:
         return
@@ -457,6 +463,28 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         if args.analyze:
             analyze_labengine(llm, prompts, outputs)
         del llm
+
+
+def ab_in_one_engine(llm, what, rounds, prompts, outputs, key, results, counted):
+    """One optimisation on and off in the same engine (no rebuild, the same memory and graphs),
+    alternating ON OFF, OFF ON, ... so a drift of the machine hits both alike; medians."""
+    import statistics
+
+    times = {"on": [], "off": []}
+    for r in range(rounds):
+        for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            if state == "on":
+                times["on"].append(run_labengine(llm, prompts, outputs))
+            else:
+                with ablated(what):
+                    times["off"].append(run_labengine(llm, prompts, outputs))
+            print(f"A/B {what} {state}: {times[state][-1]:.2f} s", flush=True)
+    for state in ("on", "off"):
+        name = f"{key}, A/B median, {what} {state}"
+        results[name] = statistics.median(times[state])
+        counted[name] = sum(outputs)
+    print(f"A/B {what}: median on {results[f'{key}, A/B median, {what} on']:.2f} s, "
+          f"off {results[f'{key}, A/B median, {what} off']:.2f} s", flush=True)
 
 
 class ablated:

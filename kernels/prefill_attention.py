@@ -72,7 +72,10 @@ def _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2):
 
     (FlashAttention-4's conditional rescaling, skipping the rescale of acc unless a row's max
     grew by more than 2^8, was tried on the H200 on 2026-12-04: the tile-wide branch it needs
-    made the kernel 1.1-2x slower; see benchmarks/RESULTS.md.)"""
+    made the kernel 1.1-2x slower. So was FlashAttention-3's in-warpgroup overlap written out
+    by hand, the next tile's scores issued before this tile's softmax: 1.1-1.5x slower with
+    64 x 64 tiles, and 128 x 128 tiles no longer fit in shared memory; triton 3.6 did not turn
+    it into overlap. See benchmarks/RESULTS.md.)"""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
     alpha = tl.math.exp2(m_i - m_new)
     acc = acc * alpha[:, None]
@@ -219,38 +222,6 @@ def _attend_new_tile(
 
 
 @triton.jit
-def _new_whole_tiles_qk_ahead(
-    q, acc, m_i, l_i,  # as in _attend_tile
-    n_tiles,  # whole tiles of new keys 0 .. n_tiles * BLOCK_N - 1, all visible to every row (>= 1)
-    q_start, q_len, K_new, V_new, desc_k, desc_v, kv_col, sm_scale_log2, stride_knt, stride_vnt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_IEEE: tl.constexpr, NEW_KV: tl.constexpr,
-):
-    """The whole tiles of new keys, software-pipelined by hand (FlashAttention-3's overlap of
-    softmax and matmul within a warpgroup): the scores of tile t + 1 are issued before the
-    softmax of tile t, so on Hopper the tensor cores can compute them (an asynchronous
-    wgmma) while the same warps do tile t's exponentials. Same arithmetic as _attend_new_tile."""
-    k = _new_k_tile(K_new, desc_k, 0, q_start, q_len, kv_col, stride_knt, HEAD_DIM, BLOCK_D, BLOCK_N,
-                    NEW_KV, False)
-    qk = dot(q, k, DOT_IEEE)
-    for t in range(0, n_tiles - 1):
-        j0 = t * BLOCK_N
-        k = _new_k_tile(K_new, desc_k, j0 + BLOCK_N, q_start, q_len, kv_col, stride_knt, HEAD_DIM, BLOCK_D,
-                        BLOCK_N, NEW_KV, False)
-        qk_next = dot(q, k, DOT_IEEE)
-        p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
-        v = _new_v_tile(V_new, desc_v, j0, q_start, q_len, kv_col, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N,
-                        NEW_KV, False)
-        acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
-        qk = qk_next
-    p, acc, m_i, l_i = _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2)
-    v = _new_v_tile(V_new, desc_v, (n_tiles - 1) * BLOCK_N, q_start, q_len, kv_col, stride_vnt, HEAD_DIM,
-                    BLOCK_D, BLOCK_N, NEW_KV, False)
-    acc = dot_acc(p.to(v.dtype), v, acc, DOT_IEEE)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _prefill_kernel(
     Q,  # [T, Hq, D] new query tokens of all sequences, flattened; last dim contiguous
     K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache (new keys already stored)
@@ -284,7 +255,6 @@ def _prefill_kernel(
     Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
-    QK_AHEAD: tl.constexpr,  # that loop software-pipelined: tile t + 1's scores issued before tile t's softmax
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -344,17 +314,10 @@ def _prefill_kernel(
         v_new = V_new + kvh * stride_vnh
         first_row = mblk * BLOCK_M
         diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
-        if QK_AHEAD:
-            if diag_j > 0:
-                acc, m_i, l_i = _new_whole_tiles_qk_ahead(
-                    q, acc, m_i, l_i, diag_j // BLOCK_N, q_start, q_len, k_new, v_new, desc_k, desc_v,
-                    kvh * HEAD_DIM, sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N,
-                    DOT_IEEE, NEW_KV)
-        else:
-            for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
-                acc, m_i, l_i = _attend_new_tile(
-                    q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
-                    sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
+        for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
+            acc, m_i, l_i = _attend_new_tile(
+                q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
+                sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
         for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
@@ -399,7 +362,7 @@ def _tma_capable(device: torch.device) -> bool:
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
                    elem_size: int = 2) -> dict:
     """The launcher's defaults: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv,
-    q_tma, o_tma, warp_specialize, qk_ahead.
+    q_tma, o_tma, warp_specialize.
 
     From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
@@ -416,7 +379,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
-                    q_tma=False, o_tma=False, warp_specialize=False, qk_ahead=False)
+                    q_tma=False, o_tma=False, warp_specialize=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048 or max_query_len >= 8192:
@@ -428,7 +391,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False, qk_ahead=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
@@ -465,7 +428,6 @@ def prefill_attention(
     q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
-    qk_ahead: bool | None = None,  # software-pipeline that loop by hand (the scores one tile ahead)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -543,7 +505,6 @@ def prefill_attention(
         NEW_KV=NEW_KV_MODES[mode],
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
-        QK_AHEAD=bool(cfg["qk_ahead"] if qk_ahead is None else qk_ahead) and mode != "paged",
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),

@@ -99,8 +99,7 @@ def test_prefill_tilings(tiling, block_size, new_kv):
 # keys: whole and partial query blocks, a block whose rows run into the next sequence's rows
 # (its query tile holds them; they are never stored), a context ending mid-tile
 HOPPER_PATHS = [dict(q_tma=True), dict(o_tma=True), dict(q_tma=True, o_tma=True),
-                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True),
-                dict(qk_ahead=True), dict(q_tma=True, o_tma=True, qk_ahead=True)]
+                dict(warp_specialize=True), dict(q_tma=True, o_tma=True, warp_specialize=True)]
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no TMA descriptors")
@@ -117,18 +116,6 @@ def test_prefill_peaked_scores(new_kv):
     # rescales its output and sum often (and exp2 underflows to 0 for most keys)
     q_lens, ctx = [131, 1, 64, 77], [0, 45, 0, 150]
     run_case(q_lens, ctx, 4, 2, 64, 16, torch.float32, seed=17, new_kv=new_kv, q_scale=12.0, block_m=32, block_n=16)
-
-
-@pytest.mark.parametrize("new_kv", ["pointers", "tma"])
-def test_prefill_scores_one_tile_ahead(new_kv):
-    # the hand-pipelined loop over whole tiles of new keys: query blocks with 0, 1, 2 and many
-    # whole tiles before the diagonal (16-row blocks, 16-key tiles), peaked scores so the
-    # running max moves between the tile whose scores are ready and the one being computed
-    q_lens, ctx = [16, 33, 48, 131, 5], [0, 0, 20, 0, 150]
-    run_case(q_lens, ctx, 4, 2, 64, 16, torch.float32, seed=19, new_kv=new_kv, q_scale=12.0,
-             block_m=16, block_n=16, qk_ahead=True)
-    run_case(q_lens, ctx, 4, 2, 64, 16, torch.bfloat16, seed=20, new_kv=new_kv, block_m=32, block_n=16,
-             qk_ahead=True)
 
 
 def test_prefill_tma_query_needs_describable_rows():
