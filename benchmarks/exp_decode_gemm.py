@@ -1,0 +1,136 @@
+"""Experiment (issue 20 item 2): the decode step's projection GEMMs, cuBLAS against a Triton GEMM
+tiled for few rows.
+
+    PYTHONPATH=. python benchmarks/exp_decode_gemm.py [--batches 256,128,64] [--smoke]
+
+A Qwen3-0.6B decode step at batch 256 spends ~0.79 ms in its four projection GEMMs per step
+(28 layers; the fourth session's profile): cuBLAS picks 64x32 .. 128x64 tiles and runs them at
+~280 TFLOP/s, where the weights alone (the bytes the roofline counts) would take a quarter of
+that time. This times y = x @ W^T (nn.Linear's layout, bf16) for the step's shapes (qkv
+1024->4096, o 2048->1024, gate_up 1024->6144, down 3072->1024) at M = batch rows, with the
+weights rotated over copies 3x the L2 (as in the step, where 28 layers' weights stream from HBM):
+cuBLAS (F.linear) against a plain Triton GEMM over a few tilings, with and without split-K
+(fp32 partial sums added atomically, then cast: both kernels timed). Every variant is checked
+against F.linear first. Measurement only: the engine does not use this kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+SHAPES = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024)}  # (K, N)
+TILINGS = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 2, 4, 4),
+           (64, 128, 64, 2, 4, 4), (128, 64, 64, 2, 4, 4), (64, 64, 64, 4, 4, 4), (128, 128, 64, 4, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+
+
+@triton.jit
+def _gemm_kernel(
+    X,  # [M, K] activations, row-major
+    W,  # [N, K] weights (nn.Linear), row-major
+    Y,  # [M, N] output (SPLIT_K == 1: x.dtype; else fp32, zeroed, partial sums added)
+    M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,  # the interpreter (--smoke on a CPU): exact fp32 dots, as labengine's kernels
+):
+    pid_n = tl.program_id(0)  # N fastest: the programs of one row block share the activations
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k0 = pid_k * k_per
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k0, tl.minimum(k0 + k_per, K), BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * K + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+        w = tl.load(W + offs_n[None, :] * K + offs_k[:, None], mask=offs_n[None, :] < N, other=0.0)
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = Y + offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+def gemm(x, w, bm, bn, bk, split, warps, stages, acc=None):
+    M, K = x.shape
+    N = w.shape[0]
+    assert K % (bk * split) == 0
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    if split == 1:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        _gemm_kernel[grid](x, w, y, M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
+                           IEEE=x.device.type != "cuda", num_warps=warps, num_stages=stages)
+        return y
+    acc.zero_()
+    _gemm_kernel[grid](x, w, acc, M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                       IEEE=x.device.type != "cuda", num_warps=warps, num_stages=stages)
+    return acc.to(x.dtype)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="256,128,64")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or dev.type != "cuda"
+    if not smoke:
+        import bench_kernels as BK
+
+        copy_bw = BK.copy_bandwidth()[0]
+        print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    batches = [16] if smoke else [int(b) for b in args.batches.split(",")]
+    shapes = {"qkv": (128, 256)} if smoke else SHAPES
+    tilings = [(16, 32, 32, 1, 4, 1), (16, 32, 32, 2, 4, 1)] if smoke else TILINGS
+    print("| M | shape | kernel | us | TFLOP/s | weight bytes at % of copy | cuBLAS / this |")
+    print("|---|---|---|---|---|---|---|")
+    for M in batches:
+        for name, (K, N) in shapes.items():
+            copies = 1 if smoke else max(2, -(-3 * 60 * 2**20 // (N * K * 2)))
+            ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K**-0.5 for _ in range(copies)]
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            ref = F.linear(x, ws[0]).float()
+            acc = torch.empty(M, N, device=dev, dtype=torch.float32)
+            flops, wbytes = 2 * M * N * K, N * K * 2
+            variants = [("cuBLAS (F.linear)", lambda w: F.linear(x, w))]
+            for t in tilings:
+                bm, bn, bk, split, warps, stages = t
+                if K % (bk * split):
+                    continue
+                variants.append((f"triton M{bm} N{bn} K{bk} split{split} w{warps} s{stages}",
+                                 lambda w, t=t: gemm(x, w, *t, acc=acc)))
+            base = None
+            for label, fn in variants:
+                try:
+                    got = fn(ws[0]).float()
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    assert err < 2e-2, f"rel err {err:.1e}"
+                    if smoke:
+                        print(f"| {M} | {name} | {label} | - | - | - | - |")
+                        continue
+                    t_s = BK.bench_graph([lambda w=w, fn=fn: fn(w) for w in ws])
+                except Exception as e:  # a tiling that does not compile: say so and go on
+                    print(f"| {M} | {name} | {label} | failed: {type(e).__name__}: {str(e)[:60]} | | | |")
+                    continue
+                base = base or t_s
+                print(f"| {M} | {name} | {label} | {t_s * 1e6:.1f} | {flops / t_s / 1e12:.0f} | "
+                      f"{100 * wbytes / t_s / copy_bw:.0f} | {base / t_s:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
