@@ -21,6 +21,10 @@ run alone afterwards). The launcher picks the split count from a model of the wa
 (`choose_num_splits`), using host integers only (batch size and max_seq_len), so the launch
 is CUDA-graph capturable; under graph capture the runner passes max_seq_len = max_model_len.
 
+A real batch mixes lengths, and the programs that start last decide when the kernel ends:
+the engine passes the sequences longest first (`order`, built by `longest_first`), so the
+last programs are the shortest (a real decode step: 92% -> 95% of copy bandwidth).
+
 `decode_attention_ref` at the bottom is the PyTorch reference the tests compare against.
 """
 from __future__ import annotations
