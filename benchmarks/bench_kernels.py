@@ -101,6 +101,19 @@ def copy_bandwidth(nbytes=2 * 1024**3):
     return 2 * nbytes / t, t
 
 
+def experiment_device(smoke: bool):
+    """(device, smoke, copy bandwidth in bytes/s or None) for an exp_*.py script: the GPU when
+    there is one and --smoke was not asked (the bandwidth measured and printed), else a smoke run
+    on whatever device there is (the CPU under TRITON_INTERPRET=1), which times nothing."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = smoke or dev.type != "cuda"
+    if smoke:
+        return dev, True, None
+    bw = copy_bandwidth()[0]
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    return dev, False, bw
+
+
 def paged_decode_inputs(B, ctx, Hq=32, Hkv=8, D=128, bs=16, dtype=torch.bfloat16, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)
     nblk = B * ctx // bs

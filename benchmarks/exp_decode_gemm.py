@@ -87,13 +87,9 @@ def main():
     ap.add_argument("--batches", default="256,128,64")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or dev.type != "cuda"
-    if not smoke:
-        import bench_kernels as BK
+    import bench_kernels as BK
 
-        copy_bw = BK.copy_bandwidth()[0]
-        print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
     batches = [16] if smoke else [int(b) for b in args.batches.split(",")]
     shapes = {"qkv": (128, 256)} if smoke else SHAPES
     tilings = [(16, 32, 32, 1, 4, 1), (16, 32, 32, 2, 4, 1)] if smoke else TILINGS

@@ -69,16 +69,10 @@ def main():
     ap.add_argument("--batches", default="256,128,64")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    import labengine.attention.triton_backend  # noqa: F401  (makes labengine.kernels importable from a checkout)
+    import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
     from labengine.kernels.decode_attention import decode_attention, decode_attention_ref, longest_first
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or dev.type != "cuda"
-    if not smoke:
-        import bench_kernels as BK
-
-        copy_bw = BK.copy_bandwidth()[0]
-        print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
     batches = [4] if smoke else [int(b) for b in args.batches.split(",")]
     rows = []
     for B in batches:
