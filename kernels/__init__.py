@@ -30,6 +30,7 @@ import sys
 
 __all__ = [
     "decode_attention", "decode_attention_ref", "choose_num_splits", "longest_first",
+    "choose_split_len", "decode_split_len",
     "prefill_attention", "prefill_attention_ref",
     "rms_norm", "rms_norm_ref", "qk_norm_rope", "qk_norm_rope_ref", "silu_and_mul", "silu_and_mul_ref",
     "sample", "sampling_probs_ref",
@@ -77,6 +78,8 @@ else:
     from .layer_ops import (
         qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
     )
-    from .decode_attention import choose_num_splits, decode_attention, decode_attention_ref, longest_first
+    from .decode_attention import (
+        choose_num_splits, choose_split_len, decode_attention, decode_attention_ref, decode_split_len, longest_first,
+    )
     from .prefill_attention import prefill_attention, prefill_attention_ref
     from .sampling import sample, sampling_probs_ref

@@ -127,6 +127,7 @@ def _decode_stage1_kernel(
     Block_tables,  # [B, max_blocks] int32 physical block of each logical block
     Seq_lens,  # [B] int32 number of cached keys of each sequence (incl. this token)
     Order,  # [B] int32 the sequence each row of programs attends (HAS_ORDER): longest first
+    Split_len,  # [1] int32 keys per split, a multiple of BLOCK_N (VAR_SPLITS)
     Out,  # [B, Hq, D] final output (written when NUM_SPLITS == 1)
     Mid_o,  # [B, Hq, NUM_SPLITS, D] fp32 normalised partial outputs (NUM_SPLITS > 1)
     Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp of each split (NUM_SPLITS > 1)
@@ -149,6 +150,7 @@ def _decode_stage1_kernel(
     DOT_IEEE: tl.constexpr,  # exact fp32 dots (fp32 inputs, or any input in the interpreter)
     HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, S) instead of (B, Hkv, S)
     HAS_ORDER: tl.constexpr,  # programs take their sequence from Order (else row b = sequence b)
+    VAR_SPLITS: tl.constexpr,  # splits of Split_len keys: a sequence uses as many as it needs
 ):
     if HEAD_FASTEST:
         # the KV heads of one sequence run side by side and read neighbouring bytes of
@@ -166,9 +168,20 @@ def _decode_stage1_kernel(
 
     seq_len = tl.load(Seq_lens + b)
     # Split boundaries are aligned to BLOCK_N so every tile is made of whole pages.
+    n_splits = NUM_SPLITS  # splits this sequence uses
     if NUM_SPLITS == 1:
         start = 0  # a constant, so the first tile's block-table read need not wait for seq_len
         end = seq_len
+    elif VAR_SPLITS:
+        # every split but a sequence's last holds split_len keys, so all programs carry about
+        # the same work whatever their sequence's length; the last split takes the rest (also
+        # when the sequence would need more than NUM_SPLITS); splits past it have nothing to do
+        split_len = tl.cdiv(tl.load(Split_len), BLOCK_N) * BLOCK_N  # whole tiles, whatever the caller passed
+        n_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), NUM_SPLITS)
+        if split >= n_splits:
+            return
+        start = split * split_len
+        end = tl.where(split == n_splits - 1, seq_len, start + split_len)
     else:
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = split * split_len
@@ -211,21 +224,22 @@ def _decode_stage1_kernel(
     # An empty split (short sequence) has l_i == 0: write zeros and lse = -inf.
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / safe_l[:, None]
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(safe_l), float("-inf"))
     mask_hd = mask_h[:, None] & mask_d[None, :]
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    mid_ptrs = Mid_o + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :]
+    lse_ptrs = Mid_lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split
     if NUM_SPLITS == 1:
-        tl.store(
-            Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-            acc.to(Out.dtype.element_ty),
-            mask=mask_hd,
-        )
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask_hd)
+    elif VAR_SPLITS:
+        if n_splits == 1:  # the whole sequence in this program: the final output, no merge
+            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask_hd)
+        else:
+            tl.store(mid_ptrs, acc, mask=mask_hd)
+            tl.store(lse_ptrs, lse, mask=mask_h)
     else:
-        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(safe_l), float("-inf"))
-        tl.store(
-            Mid_o + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-            acc,
-            mask=mask_hd,
-        )
-        tl.store(Mid_lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+        tl.store(mid_ptrs, acc, mask=mask_hd)
+        tl.store(lse_ptrs, lse, mask=mask_h)
 
 
 @triton.jit
@@ -233,19 +247,30 @@ def _decode_stage2_kernel(
     Mid_o,  # [B, Hq, NUM_SPLITS, D] fp32 partial outputs from stage 1
     Mid_lse,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp per split (-inf = empty split)
     Out,  # [B, Hq, D] output
+    Seq_lens,  # [B] int32 keys per sequence (VAR_SPLITS)
+    Split_len,  # [1] int32 keys per split (VAR_SPLITS)
     stride_mb, stride_mh, stride_ms,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # stage 1's key tile (split_len is rounded up to it)
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # next_pow2(NUM_SPLITS)
+    VAR_SPLITS: tl.constexpr,  # only the splits a sequence used; one split wrote Out itself
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    n_splits = NUM_SPLITS
+    if VAR_SPLITS:
+        seq_len = tl.load(Seq_lens + b)
+        split_len = tl.cdiv(tl.load(Split_len), BLOCK_N) * BLOCK_N  # as stage 1 rounds it
+        n_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), NUM_SPLITS)
+        if n_splits == 1:
+            return
+    mask_s = offs_s < n_splits
     mask_d = offs_d < HEAD_DIM
     lse = tl.load(Mid_lse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -337,6 +362,56 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int,
     return best
 
 
+# Balanced splits (split_len): the split model above assumes every sequence is max_seq_len long.
+# A real batch mixes lengths, and when its programs fit in about one wave the longest sequence's
+# program decides the kernel's time alone (batch 64 at contexts 200-2000: ~70% of copy bandwidth).
+# With split_len, every program takes at most split_len keys of one sequence: long sequences get
+# several splits, short ones one, and the programs carry about equal work.
+BALANCED_SPLITS = 8  # the grid's splits per sequence; those a sequence does not need exit at once
+BALANCED_BELOW_WAVES = 2.0  # balanced splits for grids of fewer (batch x KV head) pairs than this many waves
+SLOT_SHARE = 0.5  # a split holds at most this share of the keys each slot streams on average
+
+
+def balanced_num_splits(batch: int, num_kv_heads: int, slots: int) -> int:
+    """The grid's split count when the launcher gets a split_len: BALANCED_SPLITS for batches of
+    fewer than BALANCED_BELOW_WAVES waves of (sequence, KV head) pairs, else 1 (enough programs
+    to balance the SMs by themselves, taken longest first)."""
+    return BALANCED_SPLITS if batch * num_kv_heads < BALANCED_BELOW_WAVES * slots else 1
+
+
+def choose_split_len(seq_lens, num_kv_heads: int, slots: int, block_n: int = 64,
+                     num_splits: int = BALANCED_SPLITS) -> int:
+    """Keys per split for this batch's lengths (host ints; a multiple of block_n).
+
+    Each slot streams keys * kv_heads / slots keys on average. A program of at most SLOT_SHARE
+    of that cannot hold up the kernel by much (the schedule hands the SMs equal shares; the
+    last programs to finish are at most one split long), while a longer split would. So:
+    SLOT_SHARE of the average, but at least MIN_TOKENS_PER_SPLIT (a split's fixed cost) and
+    enough that the longest sequence needs at most num_splits splits; at most the longest
+    sequence (one split each: nothing to balance)."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    longest = int(lens.max()) if lens.size else 1
+    per_slot = num_kv_heads * int(lens.sum()) / slots
+    length = max(SLOT_SHARE * per_slot, MIN_TOKENS_PER_SPLIT, -(-longest // num_splits))
+    length = -(-int(np.ceil(length)) // block_n) * block_n
+    return min(length, max(block_n, -(-longest // block_n) * block_n))
+
+
+def decode_split_len(seq_lens, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """choose_split_len with the decode kernel's own tiling and this device's slots: what the
+    engine passes (as a device tensor) with each decode step."""
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_n = 64 if block_d <= 128 else 32
+    elem = torch.empty((), dtype=dtype).element_size()
+    sms, smem_per_sm = _device_facts(_device_index(device))
+    num_warps = 4 if block_d <= 128 else 8
+    per_sm = programs_per_sm(block_n, block_d, 16, elem, num_warps, MAX_REGISTERS if elem == 2 else 0, smem_per_sm)
+    if balanced_num_splits(len(seq_lens), num_kv_heads, sms * per_sm) == 1:
+        return max(seq_lens)  # the grid will not split (any padded batch is larger still)
+    return choose_split_len(seq_lens, num_kv_heads, sms * per_sm, block_n)
+
+
 def decode_attention(
     query: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -354,6 +429,7 @@ def decode_attention(
     maxnreg: int | None = None,  # registers per thread (0: no cap)
     merge_warps: int | None = None,
     order: torch.Tensor | None = None,  # [B] int32 permutation: the sequences in launch order (longest first)
+    split_len: torch.Tensor | None = None,  # [1] int32 keys per split (balanced splits; see choose_split_len)
 ) -> torch.Tensor:
     """Paged decode attention; returns out [B, Hq, D] in query's dtype.
 
@@ -378,6 +454,12 @@ def decode_attention(
     the sequence of the i-th row of programs; `longest_first` builds it on the host), the
     last programs are the shortest, the classic longest-processing-time-first schedule.
     Without it, row i attends sequence i.
+
+    split_len: balanced splits. The grid has balanced_num_splits(...) splits per sequence
+    (or num_splits), and sequence b uses cdiv(seq_lens[b], split_len) of them (at most the
+    grid's), each of split_len keys but its last; a sequence of one split writes its output
+    directly and the merge skips it. A device tensor, so one captured graph serves every
+    step: the engine sets it per step from the real lengths (decode_split_len).
     """
     B, Hq, D = query.shape
     num_blocks, page_size, Hkv, Dk = k_cache.shape
@@ -403,7 +485,13 @@ def decode_attention(
     if num_splits is None:
         sms, smem_per_sm = _device_facts(_device_index(query.device))
         per_sm = programs_per_sm(BLOCK_N, BLOCK_D, BLOCK_H, query.element_size(), num_warps, maxnreg, smem_per_sm)
-        num_splits = choose_num_splits(B, Hkv, max_seq_len, sms, per_sm)
+        if split_len is not None:
+            num_splits = balanced_num_splits(B, Hkv, sms * per_sm)
+        else:
+            num_splits = choose_num_splits(B, Hkv, max_seq_len, sms, per_sm)
+    var_splits = split_len is not None and num_splits > 1
+    if split_len is not None:
+        assert split_len.shape == (1,) and split_len.dtype == torch.int32, "split_len must be [1] int32"
 
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=query.device)
@@ -419,7 +507,8 @@ def decode_attention(
         assert order.shape == (B,) and order.dtype == torch.int32, "order must be [B] int32"
     grid = (Hkv, B, num_splits) if head_fastest else (B, Hkv, num_splits)
     _decode_stage1_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, seq_lens if order is None else order, out, mid_o, mid_lse,
+        query, k_cache, v_cache, block_tables, seq_lens, seq_lens if order is None else order,
+        split_len if var_splits else seq_lens, out, mid_o, mid_lse,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -430,16 +519,17 @@ def decode_attention(
         *ml_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
-        HEAD_FASTEST=head_fastest, HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages,
+        HEAD_FASTEST=head_fastest, HAS_ORDER=order is not None, VAR_SPLITS=var_splits,
+        num_warps=num_warps, num_stages=num_stages,
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
     )
     if num_splits > 1:
         _decode_stage2_kernel[(B, Hq)](
-            mid_o, mid_lse, out,
+            mid_o, mid_lse, out, seq_lens, split_len if var_splits else seq_lens,
             *mo_strides, *ml_strides,
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), VAR_SPLITS=var_splits,
             num_warps=merge_warps or (1 if BLOCK_D <= 128 else 2),  # H200: 1 warp 1-3% faster than 4
         )
     return out

@@ -160,7 +160,11 @@ class ModelRunner:
         for q in query_lens:
             qsl.append(qsl[-1] + q)
         context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
-        order = None if is_prefill else self.attn_backend.decode_launch_order(seq_lens)
+        order = split_len = None
+        if not is_prefill:
+            m = self.model
+            order = self.attn_backend.decode_launch_order(seq_lens)
+            split_len = self.attn_backend.decode_split_len(seq_lens, m.num_kv_heads, m.head_size, self.dtype, dev)
         return AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=slot_mapping,
@@ -174,6 +178,7 @@ class ModelRunner:
             seq_lens_list=list(seq_lens),
             query_lens_list=list(query_lens),
             decode_order=None if order is None else to_device(order, torch.int32, dev),
+            decode_split_len=None if split_len is None else to_device([split_len], torch.int32, dev),
         )
 
     def prepare_inputs(self, out: SchedulerOutputs, block_tables: dict[int, list[int]], pending=None):
@@ -359,6 +364,8 @@ class ModelRunner:
             # the decode kernel's launch order; padding rows (seq_len 1) go last, in index order
             order=torch.arange(max_bs, dtype=torch.int32, device=dev),
             identity=torch.arange(max_bs, dtype=torch.int32, device=dev),
+            # the decode kernel's keys per program (balanced splits); set at every replay
+            split_len=torch.full((1,), self._graph_max_len, dtype=torch.int32, device=dev),
         )
         # No garbage collection while capturing (as vLLM's capture): a collection that frees an
         # earlier engine's objects in the middle of a capture (its pinned buffers, events,
@@ -380,13 +387,17 @@ class ModelRunner:
     def _capture_sizes(self, sizes, io) -> None:
         """Capture the sizes largest first; the smaller graphs share the first one's memory pool."""
         pool = None
+        m = self.model
+        # the backend balances decode splits by a per-step split length: the graphs read it from io
+        balanced = self.attn_backend.decode_split_len(
+            [self._graph_max_len], m.num_kv_heads, m.head_size, self.dtype, self.device) is not None
         for size in sizes:
             meta = AttentionMetadata(
                 is_prefill=False, slot_mapping=io["slots"][:size], query_start_loc=io["qsl"][:size + 1],
                 seq_lens=io["seq_lens"][:size], context_lens=io["context_lens"][:size],
                 block_tables=io["tables"][:size], max_query_len=1, max_seq_len=self._graph_max_len,
                 seq_lens_list=[self._graph_max_len] * size, query_lens_list=[1] * size,
-                decode_order=io["order"][:size])
+                decode_order=io["order"][:size], decode_split_len=io["split_len"] if balanced else None)
             # Warm up outside the graph (Triton compiles here), then capture.
             self.model.compute_logits(self.model(io["ids"][:size], io["pos"][:size], self.kv_caches, meta))
             torch.cuda.synchronize()
@@ -414,5 +425,9 @@ class ModelRunner:
             io["order"][n:size].copy_(io["identity"][n:size])
         else:
             io["order"][:size].copy_(io["identity"][:size])
+        if meta.decode_split_len is not None:
+            io["split_len"].copy_(meta.decode_split_len)
+        else:  # no split: one program per sequence and KV head
+            io["split_len"].fill_(self._graph_max_len)
         self.graphs[size].replay()
         return io[("logits", size)]

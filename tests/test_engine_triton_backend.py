@@ -92,3 +92,36 @@ def test_decode_steps_take_the_longest_sequences_first(model_path):
         assert [lens[i] for i in order] == sorted(lens, reverse=True)
     assert any(order != sorted(order) for _, order in decodes)  # the longest prompt is not the first
     assert np.array_equal(decodes[0][1], [1, 2, 0])
+
+
+def test_decode_steps_balance_long_sequences_across_programs(model_path, monkeypatch):
+    """Decode steps pass a split length (keys per program of the decode kernel) chosen from the
+    step's real lengths; with a minimum split low enough for these short sequences the long
+    ones are split across programs, and every token still equals the PyTorch path's."""
+    import importlib
+    import random
+
+    da = importlib.import_module("labengine.kernels.decode_attention")  # the module, not the launcher
+
+    monkeypatch.setattr(da, "MIN_TOKENS_PER_SPLIT", 64)
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(1, 200) for _ in range(n)]} for n in (150, 20, 90)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = {}
+    seen = []
+    for backend in ("torch", "triton"):
+        llm = LLM(model=model_path, attention_backend=backend, max_model_len=256, block_size=16, check_invariants=True)
+        if backend == "triton":
+            be = llm.llm_engine.model_runner.attn_backend
+            forward = be.forward
+
+            def spy(query, key, value, kv_cache, meta, scale):
+                if not meta.is_prefill:
+                    seen.append((list(meta.seq_lens_list), meta.decode_split_len.tolist()))
+                return forward(query, key, value, kv_cache, meta, scale)
+
+            be.forward = spy
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert outs["triton"] == outs["torch"]
+    assert seen and all(sl[0] % 64 == 0 for _, sl in seen)
+    assert any(sl[0] < max(lens) for lens, sl in seen)  # the 150-token prompt was split

@@ -34,6 +34,9 @@ class AttentionMetadata:
     # [num_seqs] int32, decode steps on backends that schedule by it: the order in which the
     # decode kernel's programs take the sequences (longest first; see decode_launch_order)
     decode_order: torch.Tensor | None = None
+    # [1] int32, decode steps on backends that balance by it: the most keys one program of the
+    # decode kernel takes (a long sequence is split into several; see decode_split_len)
+    decode_split_len: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -52,6 +55,11 @@ class AttentionBackend:
     def decode_launch_order(self, seq_lens: list[int]):
         """The order in which a decode step's kernel should take the sequences (an int32 numpy
         array, a permutation of range(len(seq_lens))), or None: this backend has no use for one."""
+        return None
+
+    def decode_split_len(self, seq_lens: list[int], num_kv_heads: int, head_size: int, dtype, device):
+        """The most keys one program of a decode step's kernel should take (an int; longer
+        sequences are split across programs), or None: this backend has no use for one."""
         return None
 
     def copy_blocks(self, kv_caches, src_to_dst):

@@ -5,7 +5,8 @@ forward(query, key, value, kv_cache, meta, scale):
      (slot -1 skipped);
   2. decode steps (`not meta.is_prefill`, one query token per sequence) run the
      flash-decoding kernel, which reads every key through meta.block_tables and takes the
-     sequences longest first (meta.decode_order, from `decode_launch_order`); prefill steps
+     sequences longest first (meta.decode_order, from `decode_launch_order`) and splits the
+     long ones into programs of at most meta.decode_split_len keys; prefill steps
      (prompts, chunked prompts, cached prefixes, recomputation) run the causal varlen
      prefill kernel, which reads the context through the block table and the step's own
      keys/values from `key`/`value` where the projection left them.
@@ -82,7 +83,7 @@ class TritonAttentionBackend(AttentionBackend):
             # one token per sequence: T == num_seqs
             return kernels.decode_attention(
                 query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                max_seq_len=meta.max_seq_len, order=meta.decode_order,
+                max_seq_len=meta.max_seq_len, order=meta.decode_order, split_len=meta.decode_split_len,
             )
         return kernels.prefill_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
@@ -93,6 +94,11 @@ class TritonAttentionBackend(AttentionBackend):
         """Longest sequences first: the decode kernel's last programs are then the shortest
         (its docstring says why)."""
         return kernels.longest_first(seq_lens)
+
+    def decode_split_len(self, seq_lens, num_kv_heads, head_size, dtype, device):
+        """Balanced splits: at most this many keys per program, so that a batch whose programs
+        fit in about one wave is not held up by its longest sequence (the kernel's docstring)."""
+        return kernels.decode_split_len(seq_lens, num_kv_heads, head_size, dtype, device)
 
     def copy_blocks(self, kv_caches, src_to_dst) -> None:
         """Copy-on-write: for each (src, dst), block dst <- block src in every layer's K and V."""

@@ -7,8 +7,11 @@ import torch
 from kernel_test_utils import DEVICE, DTYPES, DT_IDS, assert_close, make_paged, requires_cuda
 
 from labengine.kernels.decode_attention import (
+    BALANCED_SPLITS,
     MIN_TOKENS_PER_SPLIT,
+    balanced_num_splits,
     choose_num_splits,
+    choose_split_len,
     decode_attention,
     decode_attention_ref,
     longest_first,
@@ -87,6 +90,52 @@ def test_decode_launch_order_is_checked():
     with pytest.raises(AssertionError, match="order must be"):
         run_case([3, 4], 8, 2, 64, 16, torch.float32, num_splits=1, seed=1,
                  order=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("num_splits", [2, BALANCED_SPLITS])
+def test_decode_balanced_splits_match_the_reference(num_splits):
+    # split_len keys per program: sequences of one split (written directly, skipped by the
+    # merge), of several, of more than the grid has (the last split takes the rest); a
+    # split_len that is not a multiple of the key tile (rounded up), and one past every length
+    lens = [1, 200, 65, 17, 130, 64]
+    order = torch.tensor(longest_first(lens).tolist(), dtype=torch.int32, device=DEVICE)
+    for split_len in (16, 64, 100, 128, 10_000):
+        sl = torch.tensor([split_len], dtype=torch.int32, device=DEVICE)
+        run_case(lens, 8, 2, 64, 16, torch.bfloat16, num_splits=num_splits, seed=split_len, split_len=sl, order=order)
+    # float32 and a head size padded to 128 lanes, without an order
+    run_case(lens, 8, 4, 80, 16, torch.float32, num_splits=num_splits, seed=3,
+             split_len=torch.tensor([64], dtype=torch.int32, device=DEVICE), block_n=32)
+
+
+def test_decode_balanced_splits_are_checked():
+    with pytest.raises(AssertionError, match="split_len must be"):
+        run_case([3, 4], 8, 2, 64, 16, torch.float32, num_splits=2, seed=1,
+                 split_len=torch.tensor([64, 64], dtype=torch.int32, device=DEVICE))
+
+
+def test_balanced_num_splits():
+    # H200: 132 SMs x 4 programs; 8 KV heads: batch 131 still splits, 132 has two waves of pairs
+    assert balanced_num_splits(131, 8, 528) == BALANCED_SPLITS
+    assert balanced_num_splits(132, 8, 528) == 1
+    assert balanced_num_splits(1, 1, 528) == BALANCED_SPLITS
+
+
+def test_choose_split_len():
+    slots = 528
+    # one long sequence among short ones, few programs: split it (but never below the minimum,
+    # and within BALANCED_SPLITS splits of the longest), a whole number of key tiles
+    lens = [4000] + [300] * 20
+    sl = choose_split_len(lens, 8, slots)
+    assert sl % 64 == 0 and MIN_TOKENS_PER_SPLIT <= sl < 4000 and -(-4000 // sl) <= BALANCED_SPLITS
+    # equal lengths that fill the GPU several times over: no split (the longest, rounded up to a tile)
+    assert choose_split_len([1000] * 256, 8, slots) == 1024
+    # mixed lengths in about one wave (the throughput workload's batch 64): split
+    gen = np.random.default_rng(0)
+    mixed = gen.integers(200, 2000, 64).tolist()
+    assert choose_split_len(mixed, 8, slots) < max(mixed)
+    # short sequences: one split each (the minimum length covers them)
+    assert choose_split_len([5, 100, 200], 8, slots) == 256
+    assert choose_split_len([1], 8, slots) == 64
 
 
 def test_decode_whole_tiles_and_tails():
@@ -203,3 +252,39 @@ def test_decode_cuda_graph_replay():
         g.replay()
         ref = decode_attention_ref(q, k_cache, v_cache, table, lens, D**-0.5, compute_dtype=torch.float64)
         assert_close(out, ref, dtype, f"graph replay {new_lens}")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_decode_balanced_splits_cuda_graph_replay():
+    """Balanced splits under a CUDA graph: captured once (the launcher's grid for batch 48), replayed
+    with new lengths, orders and split lengths written into the captured tensors."""
+    dtype, B, Hq, Hkv, D, bs, max_model_len = torch.bfloat16, 48, 16, 8, 128, 16, 4096
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, table = make_paged([max_model_len] * B, Hkv, D, bs, dtype, gen=gen)
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.full((B,), 10, dtype=torch.int32, device=DEVICE)
+    order = torch.arange(B, dtype=torch.int32, device=DEVICE)
+    split_len = torch.tensor([max_model_len], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(B, Hq, D, dtype=dtype, device=DEVICE)
+    kw = dict(max_seq_len=max_model_len, out=out, order=order, split_len=split_len)
+    decode_attention(q, k_cache, v_cache, table, lens, D**-0.5, **kw)  # compile outside the graph
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        decode_attention(q, k_cache, v_cache, table, lens, D**-0.5, **kw)
+    from labengine.kernels.decode_attention import decode_split_len
+
+    for seed in range(3):
+        new_lens = torch.randint(1, max_model_len + 1, (B,), generator=torch.Generator().manual_seed(seed)).tolist()
+        new_lens[seed] = max_model_len
+        q.copy_(torch.randn(B, Hq, D, generator=gen).to(dtype))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        order.copy_(torch.tensor(longest_first(new_lens).tolist(), dtype=torch.int32))
+        sl = decode_split_len(new_lens, Hkv, D, dtype, lens.device)
+        assert sl < max_model_len  # these lengths in under one wave: split
+        split_len.fill_(sl)
+        out.fill_(float("nan"))
+        g.replay()
+        ref = decode_attention_ref(q, k_cache, v_cache, table, lens, D**-0.5, compute_dtype=torch.float64)
+        assert_close(out, ref, dtype, f"balanced graph replay, split_len {sl}")
