@@ -5,6 +5,8 @@
 #   e) lesson notebooks (solutions/, labs/) under nbval on the GPU          -> nbval.log
 #   f) engine + kernel tests on the GPU                                     -> tests.log
 #   h) exp_decode_order.py: the decode kernel in batch order vs longest first (S_DORDER, off by default) -> throughput.log
+#   i) exp_decode_balance.py: the decode kernel's balanced splits (S_BAL, off by default) -> throughput.log
+#   j) exp_decode_gemm.py: projection GEMMs at decode batches, cuBLAS vs Triton (S_GEMM, off; GM_ARGS) -> throughput.log
 #   a) throughput.py: engine defaults vs hand-tuned, same run, % of roofline -> throughput.log
 #   g) issue 21.6: the commits before/after tensor parallelism, A/B alternating -> throughput.log (appended)
 #      (the trees of 7e24f9f and d07ea77, prepared here as .gl/old and .gl/tp: see benchmarks/GPU_ROUND2.md)
@@ -57,7 +59,8 @@ run_step() {
 if [ "$DRY" = 0 ]; then
   S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
   S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60} S_DORDER=${S_DORDER:-0}
-  DORDER_ARGS=""
+  S_BAL=${S_BAL:-0} S_GEMM=${S_GEMM:-0}
+  DORDER_ARGS="" BAL_ARGS="" GEMM_ARGS=${GM_ARGS:-"--batches 256,128"}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
   TP_ARGS=""; PREFILL_ARGS=${P_ARGS:-"--quick"}
   SERVE_ARGS=${SV_ARGS:-"--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"}
@@ -66,7 +69,8 @@ if [ "$DRY" = 0 ]; then
   GPU_TESTS=${G_TESTS:-"tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"}
 else
   S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200 S_DORDER=120
-  DORDER_ARGS="--smoke"
+  S_BAL=120 S_GEMM=120
+  DORDER_ARGS="--smoke" BAL_ARGS="--smoke" GEMM_ARGS="--smoke"
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
   TP_ARGS="--smoke"; PREFILL_ARGS="--smoke --quick"
   SERVE_ARGS="--num-prompts 6 --max-tokens 4 --request-rates 2,inf --skip-offline --device cpu"
@@ -91,6 +95,16 @@ note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
 if [ "$S_DORDER" -gt 0 ]; then
 run_step "h decode kernel order" "$S_DORDER" throughput.log $PY benchmarks/exp_decode_order.py $DORDER_ARGS
 note "  $(grep -E '^\| 256 \| workload \| (batch order|longest first) \|' "$OUT/throughput.log" | tr '\n' ';')"
+fi
+
+# i) the decode kernel's balanced splits on real lengths, and j) the projection GEMMs at decode
+#    batch sizes, cuBLAS vs Triton (issue 20 item 2; both off by default)
+if [ "$S_BAL" -gt 0 ]; then
+run_step "i decode kernel balanced splits" "$S_BAL" throughput.log $PY benchmarks/exp_decode_balance.py $BAL_ARGS
+note "  $(grep -E '^\| (48|64|96) \| late \| (before|balanced)' "$OUT/throughput.log" | tr '\n' ';')"
+fi
+if [ "$S_GEMM" -gt 0 ]; then
+run_step "j decode GEMMs cuBLAS vs Triton" "$S_GEMM" throughput.log $PY benchmarks/exp_decode_gemm.py $GEMM_ARGS
 fi
 
 # a) defaults vs tuned, same run (issue 20 item 2)

@@ -80,11 +80,15 @@ def copy_bandwidth():
     return 2 * n / sec  # bytes read + written per second
 
 
+def kv_bytes_per_token(cfg):
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2  # K and V, bf16
+
+
 def roofline_seconds(prompts, outputs, cfg, weight_bytes, bandwidth):
     """Every decode step reads all weights once and each running sequence's whole KV cache;
     every request runs from the first decode step (the cache holds them all), so there are
     max(outputs) - 1 decode steps (the first token comes from the prefill)."""
-    kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+    kv_per_token = kv_bytes_per_token(cfg)
     kv_bytes = sum(sum(p + i for i in range(1, o)) for p, o in zip(map(len, prompts), outputs)) * kv_per_token
     steps = max(outputs) - 1
     return (kv_bytes + steps * weight_bytes) / bandwidth
@@ -173,11 +177,13 @@ def run_labengine(llm, prompts, outputs):
     return dt
 
 
-def analyze_labengine(llm, prompts, outputs):
-    """Run the workload again step by step, with the trace and CUDA events per step."""
+def analyze_labengine(llm, prompts, outputs, roof=None):
+    """Run the workload again step by step, with the trace and CUDA events per step.
+    roof = (KV bytes per token, weight bytes, bandwidth): also each batch range's decode steps
+    against the roofline's time for them (their KV and weight reads at copy bandwidth)."""
     engine = llm.llm_engine
     runner = engine.model_runner
-    marks = []  # [is_decode, start event, end event, batch size] per step, in launch order
+    marks = []  # [is_decode, start event, end event, batch size, keys read] per step, in launch order
     sampler = engine.sampler
 
     def event():
@@ -186,14 +192,19 @@ def analyze_labengine(llm, prompts, outputs):
             e.record()
         return e
 
-    orig_exec, orig_launch = runner.execute_model, sampler.launch
+    orig_exec, orig_launch, orig_meta = runner.execute_model, sampler.launch, runner._metadata
 
     # Events go into the stream where a step's GPU work begins (before its input copies) and
     # where it ends (after its last sampling kernel): their GPU timestamps bound its work,
     # and a later start minus an earlier end is time the GPU had nothing of ours to run.
     def execute_model(out, tables, timings, pending=None):
-        marks.append([not out.is_prefill, event(), None, out.num_batched_tokens])
+        marks.append([not out.is_prefill, event(), None, out.num_batched_tokens, 0])
         return orig_exec(out, tables, timings, pending)
+
+    def metadata(is_prefill, slot_mapping, seq_lens, *rest):
+        if marks:
+            marks[-1][4] = sum(seq_lens)  # the keys this step's attention reads
+        return orig_meta(is_prefill, slot_mapping, seq_lens, *rest)
 
     def launch(logits, smeta):
         result = orig_launch(logits, smeta)
@@ -216,14 +227,14 @@ def analyze_labengine(llm, prompts, outputs):
     # The GPU idle comes from a run with the CUDA events only: the trace's bookkeeping adds
     # host time per step, which would show up as idle GPU time. The parts come from a second,
     # traced run (and are host times with that bookkeeping included).
-    runner.execute_model, sampler.launch = execute_model, launch
+    runner.execute_model, sampler.launch, runner._metadata = execute_model, launch, metadata
     try:
         wall_events, _ = run("e", traced=False)
         event_marks, marks[:] = list(marks), []
         wall, trace = run("t", traced=True)
     finally:
         runner.execute_model = orig_exec
-        del sampler.launch  # back to the class's method
+        del sampler.launch, runner._metadata  # back to the class's methods
     marks[:] = event_marks
     print(f"\nlabengine with CUDA events at every step (no trace): {wall_events:.2f} s")
     st = trace.steps()
@@ -242,11 +253,14 @@ def analyze_labengine(llm, prompts, outputs):
             print(f"decode, batch {lo}-{hi} | {len(sel)} | {sel.latency_s.sum():.2f} | "
                   + " | ".join(f"{1e3 * sel[p].mean():.3f}" for p in parts))
     if DEV == "cuda":
-        busy = [s.elapsed_time(e) for _, s, e, _ in marks]
+        busy = [m[1].elapsed_time(m[2]) for m in marks]
         # (gap before decode step i+1, its batch size) for consecutive decode steps
         gaps = [(max(0.0, marks[i][2].elapsed_time(marks[i + 1][1])), marks[i + 1][3])
                 for i in range(len(marks) - 1) if marks[i][0] and marks[i + 1][0]]
         dec = [(b, m[3]) for m, b in zip(marks, busy) if m[0]]
+        if roof:  # ms the roofline allows each decode step: its KV bytes and the weights at copy bandwidth
+            kv_per_token, weight_bytes, bw = roof
+            dec_roof = [(1e3 * (m[4] * kv_per_token + weight_bytes) / bw, m[3]) for m in marks if m[0]]
         idle, dec_busy = sum(g for g, _ in gaps), sum(b for b, _ in dec)
         print(f"GPU idle between decode steps: {idle / 1e3:.2f} s of {(idle + dec_busy) / 1e3:.2f} s "
               f"= {100 * idle / (idle + dec_busy):.1f}% (median gap {statistics.median(g for g, _ in gaps):.3f} ms, "
@@ -255,9 +269,14 @@ def analyze_labengine(llm, prompts, outputs):
             g = [x for x, n in gaps if lo <= n <= hi]
             b = [x for x, n in dec if lo <= n <= hi]
             if b:
+                r = sum(x for x, n in dec_roof if lo <= n <= hi) if roof else 0.0
                 print(f"  batch {lo}-{hi}: {len(b)} steps, busy {sum(b) / 1e3:.2f} s (median {statistics.median(b):.3f} ms), "
                       f"idle {sum(g) / 1e3:.2f} s ({100 * sum(g) / (sum(g) + sum(b)):.1f}%), "
-                      f"gaps > 0.1 ms: {sum(x > 0.1 for x in g)}")
+                      f"gaps > 0.1 ms: {sum(x > 0.1 for x in g)}"
+                      + (f"; roofline {r / 1e3:.2f} s = {100 * r / sum(b):.1f}% of busy" if roof else ""))
+        if roof:
+            pre = [b for m, b in zip(marks, busy) if not m[0]]
+            print(f"  prefill: {len(pre)} steps, busy {sum(pre) / 1e3:.2f} s (the roofline counts none)")
     return st
 
 
@@ -339,10 +358,11 @@ def main():
                     help="comma list of labengine runs with one optimisation switched off, timed after the main run: "
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
-                         "not longest first)")
-    ap.add_argument("--ab", default="", choices=("", "decode_order"),
-                    help="decode_order: time the first defaults configuration with the longest-first decode order "
-                         "on and off, alternating, in the same engine (--ab-rounds rounds)")
+                         "not longest first), decode_balance (decode splits not balanced by the step's lengths)")
+    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance"),
+                    help="time the first defaults configuration with one decode-kernel choice on and off, "
+                         "alternating, in the same engine (--ab-rounds rounds): decode_order (longest first), "
+                         "decode_balance (splits balanced by the step's lengths; the graphs are recaptured)")
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
@@ -385,7 +405,8 @@ def main():
         results.update(got["results"])
         counted.update(got["counted"])
     if not args.skip_labengine:
-        run_engine_part(args, path, prompts, outputs, results, counted)
+        run_engine_part(args, path, prompts, outputs, results, counted,
+                        roof=(kv_bytes_per_token(cfg), weight_bytes, bw) if weight_bytes else None)
     results = {k: results[k] for k in sorted(results, key=lambda k: k != "labengine")}
     roof = roofline_seconds(prompts, outputs, cfg, weight_bytes, bw)
     ref = results.get("labengine")
@@ -400,7 +421,7 @@ def main():
             print(f"  {name}: {sec:.2f} s = {100 * roof / sec:.1f}% of the roofline")
 
 
-def run_engine_part(args, path, prompts, outputs, results, counted):
+def run_engine_part(args, path, prompts, outputs, results, counted, roof=None):
     total_out = sum(outputs)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
@@ -417,7 +438,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         counted[key] = total_out
         print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
         if args.analyze and c == "defaults":  # where the default configuration's time goes (issue 20 item 2)
-            analyze_labengine(llm, prompts, outputs)
+            analyze_labengine(llm, prompts, outputs, roof)
         if args.ab and c == configs[0]:
             ab_in_one_engine(llm, args.ab, args.ab_rounds, prompts, outputs, key, results, counted)
         del llm
@@ -430,7 +451,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
     counted["labengine"] = total_out
     print(f"labengine: {results['labengine']:.2f} s, {total_out / results['labengine']:.0f} tok/s", flush=True)
     if args.analyze and "defaults" not in configs:
-        analyze_labengine(llm, prompts, outputs)
+        analyze_labengine(llm, prompts, outputs, roof)
     if args.profile:
         import cProfile
         import io
@@ -461,7 +482,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted):
         counted["labengine, sync scheduling"] = total_out
         print(f"labengine with async_scheduling=False: {results['labengine, sync scheduling']:.2f} s", flush=True)
         if args.analyze:
-            analyze_labengine(llm, prompts, outputs)
+            analyze_labengine(llm, prompts, outputs, roof)
         del llm
 
 
@@ -473,10 +494,15 @@ def ab_in_one_engine(llm, what, rounds, prompts, outputs, key, results, counted)
     times = {"on": [], "off": []}
     for r in range(rounds):
         for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            recapture = what in ablated.RECAPTURE and (r, state) != (0, "on")
             if state == "on":
+                if recapture:
+                    recapture_graphs(llm)
                 times["on"].append(run_labengine(llm, prompts, outputs))
             else:
                 with ablated(what):
+                    if recapture:
+                        recapture_graphs(llm)
                     times["off"].append(run_labengine(llm, prompts, outputs))
             print(f"A/B {what} {state}: {times[state][-1]:.2f} s", flush=True)
     for state in ("on", "off"):
@@ -491,9 +517,12 @@ class ablated:
     """Build the engine with one optimisation off (a benchmark-only switch, for measuring it):
     "fused_layers": the models keep PyTorch's norm/rotary/SiLU ops on the Triton path;
     "sampling_kernel": the sampler uses its PyTorch methods;
-    "decode_order": the decode kernel takes the sequences in batch order, not longest first."""
+    "decode_order": the decode kernel takes the sequences in batch order, not longest first;
+    "decode_balance": the decode kernel's splits from the batch size and max_seq_len alone (one
+    program per sequence and KV head in most steps), not balanced by the step's real lengths."""
 
-    WHAT = ("fused_layers", "sampling_kernel", "decode_order")
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance")
+    RECAPTURE = ("decode_balance",)  # decided when the CUDA graphs are captured: A/B recaptures them
 
     def __init__(self, what):
         if what not in self.WHAT:
@@ -505,12 +534,14 @@ class ablated:
         import labengine.models.llama as llama
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order)
+        self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
         elif self.what == "sampling_kernel":
             base = le.Sampler
             le.Sampler = lambda *a, kernels=None, **kw: base(*a, **kw)
+        elif self.what == "decode_balance":
+            TAB.decode_split_len = lambda self, *args: None
         else:
             TAB.decode_launch_order = lambda self, seq_lens: None
 
@@ -519,7 +550,18 @@ class ablated:
         import labengine.models.llama as llama
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order = self.saved
+        llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len = self.saved
+
+
+def recapture_graphs(llm):
+    """Capture the engine's decode graphs again (after an A/B switch that the capture decides)."""
+    runner = llm.llm_engine.model_runner
+    if not runner.graphs:
+        return
+    runner.graphs.clear()
+    runner._graph_io = None
+    free_memory()
+    runner.capture_graphs()
 
 
 def run_baselines(args, path, prompts, outputs, results, counted):

@@ -1,0 +1,112 @@
+"""Experiment (issue 20 item 2): balanced splits for the decode kernel on a real batch's lengths.
+
+    PYTHONPATH=. python benchmarks/exp_decode_balance.py [--batches 16,32,48,64,96,128,192,256] [--smoke]
+
+When a decode step's (sequence, KV head) programs fit in about one wave, they all start at once
+and the longest sequence's program decides the kernel's time alone (the fourth session: batch 64
+of the workload's lengths at 69-78 % of copy bandwidth, against 94-99 % at batch 128-256). With
+balanced splits (`split_len`) no program takes more than split_len keys: a long sequence runs
+as several programs, merged afterwards. This times, on the same inputs (graph replays over input
+sets several times the L2, max_seq_len = 4096 as under the engine's CUDA graphs), for the
+workload's lengths mid-run (prompt 100-1,024 + part of a 100-1,024 output) and late in the run
+(the longest requests, well into their outputs: 1,100-2,048 keys and a few short):
+
+  before           longest first, splits from choose_num_splits(max_seq_len=4096): the engine
+                   of the fourth session
+  balanced (auto)  split_len = choose_split_len(lengths), the grid's splits from
+                   balanced_num_splits: what the engine passes now
+  split_len=L      BALANCED_SPLITS splits in the grid, L keys per split (the sweep the policy
+                   is checked against)
+
+and prints each against the device's copy bandwidth (bytes: q, K, V, out). Every variant's output
+is checked against the PyTorch reference first. --smoke: a small batch on whatever device there
+is (checks the script).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, workload_lens  # noqa: E402
+
+SWEEP = (256, 512, 768, 1024, 1536)
+
+
+def late_lens(B, gen):
+    """A late decode step: most sequences long (1,100-2,048 keys), one in eight short (100-400)."""
+    long = torch.randint(1100, 2049, (B,), generator=gen)
+    short = torch.randint(100, 401, (B,), generator=gen)
+    pick = torch.rand(B, generator=gen) < 0.125
+    return torch.where(pick, short, long).tolist()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="16,32,48,64,96,128,192,256")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
+    from labengine.kernels.decode_attention import (
+        BALANCED_SPLITS, _device_facts, _device_index, balanced_num_splits, choose_split_len, decode_attention,
+        decode_attention_ref, longest_first, programs_per_sm,
+    )
+
+    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
+    batches = [4] if smoke else [int(b) for b in args.batches.split(",")]
+    sms, smem = _device_facts(_device_index(dev))
+    slots = sms * programs_per_sm(64, 128, 16, 2, 4, 128, smem)
+    print(f"{sms} SMs, {slots} program slots", flush=True)
+    rows = []
+    for B in batches:
+        gen = torch.Generator().manual_seed(B)
+        for case, ls in (("mid-run", workload_lens(B, gen)), ("late", late_lens(B, gen))):
+            if smoke:
+                ls = [min(n, 300) for n in ls]
+            kv = 2 * sum(ls) * HKV * D * 2
+            n_sets = 1 if smoke else max(2, -(-3 * 60 * 10**6 // kv))  # >= 3x the L2 in total
+            sets = [inputs(ls, dev, seed=s) for s in range(n_sets)]
+            nbytes = kv + 2 * B * HQ * D * 2
+            order = torch.tensor(longest_first(ls).tolist(), dtype=torch.int32, device=dev)
+            auto = choose_split_len(ls, HKV, slots)
+            grid_splits = balanced_num_splits(B, HKV, slots)
+            variants = [("before", None, None), (f"balanced (auto: {auto} x {grid_splits})", auto, None)]
+            variants += [(f"split_len={L}", L, BALANCED_SPLITS) for L in SWEEP if L < max(ls) + 64]
+            q, kc, vc, table, sl = sets[0]
+            ref = decode_attention_ref(q, kc, vc, table, sl, SCALE, compute_dtype=torch.float32)
+            for label, L, splits in variants:
+                lt = None if L is None else torch.tensor([L], dtype=torch.int32, device=dev)
+                outs = [torch.empty(B, HQ, D, dtype=torch.bfloat16, device=dev) for _ in sets]
+                fns = [lambda st=st, o=o: decode_attention(*st, SCALE, max_seq_len=MAX_MODEL_LEN, out=o, order=order,
+                                                           num_splits=splits, split_len=lt)
+                       for st, o in zip(sets, outs)]
+                fns[0]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"B={B} {case} {label}: rel err {err:.2e}"
+                if smoke:
+                    rows.append((B, case, label, float("nan"), float("nan")))
+                    continue
+                t = BK.bench_graph(fns)
+                pct = 100 * nbytes / t / copy_bw
+                rows.append((B, case, label, t * 1e6, pct))
+                print(f"B={B} {case} (mean {sum(ls) / B:.0f}, max {max(ls)}) {label}: {t * 1e6:.1f} us, "
+                      f"{pct:.1f} % of copy bandwidth", flush=True)
+            del sets
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n| batch | lengths | decode kernel | us | % of copy bandwidth | vs before |")
+    print("|---|---|---|---|---|---|")
+    base = {(B, case): t for B, case, label, t, _ in rows if label == "before"}
+    for B, case, label, t, pct in rows:
+        print(f"| {B} | {case} | {label} | {t:.1f} | {pct:.1f} | {base[(B, case)] / t:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
