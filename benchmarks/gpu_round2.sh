@@ -7,6 +7,8 @@
 #   h) exp_decode_order.py: the decode kernel in batch order vs longest first (S_DORDER, off by default) -> throughput.log
 #   i) exp_decode_balance.py: the decode kernel's balanced splits (S_BAL, off by default) -> throughput.log
 #   j) exp_decode_gemm.py: projection GEMMs at decode batches, cuBLAS vs Triton (S_GEMM, off; GM_ARGS) -> throughput.log
+#   k) exp_sample_splits.py: the sampling kernel's split rows (S_SAMP, off) -> throughput.log
+#   l) profile_decode.py --prefill: a prefill step's and decode steps' kernels (S_PPROF, off; PP_ARGS) -> throughput.log
 #   a) throughput.py: engine defaults vs hand-tuned, same run, % of roofline -> throughput.log
 #   g) issue 21.6: the commits before/after tensor parallelism, A/B alternating -> throughput.log (appended)
 #      (the trees of 7e24f9f and d07ea77, prepared here as .gl/old and .gl/tp: see benchmarks/GPU_ROUND2.md)
@@ -59,7 +61,8 @@ run_step() {
 if [ "$DRY" = 0 ]; then
   S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
   S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60} S_DORDER=${S_DORDER:-0}
-  S_BAL=${S_BAL:-0} S_GEMM=${S_GEMM:-0}
+  S_BAL=${S_BAL:-0} S_GEMM=${S_GEMM:-0} S_SAMP=${S_SAMP:-0} S_PPROF=${S_PPROF:-0}
+  SAMP_ARGS="" PPROF_ARGS=${PP_ARGS:-"--prefill --warm-steps 30 --steps 3"}
   DORDER_ARGS="" BAL_ARGS="" GEMM_ARGS=${GM_ARGS:-"--batches 256,128"}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
   TP_ARGS=""; PREFILL_ARGS=${P_ARGS:-"--quick"}
@@ -69,7 +72,8 @@ if [ "$DRY" = 0 ]; then
   GPU_TESTS=${G_TESTS:-"tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"}
 else
   S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200 S_DORDER=120
-  S_BAL=120 S_GEMM=120
+  S_BAL=120 S_GEMM=120 S_SAMP=120 S_PPROF=0
+  SAMP_ARGS="--smoke" PPROF_ARGS=""
   DORDER_ARGS="--smoke" BAL_ARGS="--smoke" GEMM_ARGS="--smoke"
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
   TP_ARGS="--smoke"; PREFILL_ARGS="--smoke --quick"
@@ -105,6 +109,13 @@ note "  $(grep -E '^\| (48|64|96) \| late \| (before|balanced)' "$OUT/throughput
 fi
 if [ "$S_GEMM" -gt 0 ]; then
 run_step "j decode GEMMs cuBLAS vs Triton" "$S_GEMM" throughput.log $PY benchmarks/exp_decode_gemm.py $GEMM_ARGS
+fi
+# k) the sampling kernel, one program per row vs split rows; l) a prefill step's kernels (profile)
+if [ "$S_SAMP" -gt 0 ]; then
+run_step "k sampling kernel splits" "$S_SAMP" throughput.log $PY benchmarks/exp_sample_splits.py $SAMP_ARGS
+fi
+if [ "$S_PPROF" -gt 0 ]; then
+run_step "l profile prefill + decode steps" "$S_PPROF" throughput.log $PY benchmarks/profile_decode.py $PPROF_ARGS
 fi
 
 # a) defaults vs tuned, same run (issue 20 item 2)

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes, on the throughput workload (needs a CUDA GPU).
 
-    python benchmarks/profile_decode.py [--steps 5] [--warm-steps 40]
+    python benchmarks/profile_decode.py [--steps 5] [--warm-steps 40] [--prefill]
 
 Builds the Qwen3-0.6B-shaped random model and the 256-request workload of throughput.py,
 runs the prefills and --warm-steps decode steps, then:
@@ -74,6 +74,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warm-steps", type=int, default=20)
+    ap.add_argument("--prefill", action="store_true",
+                    help="also profile the workload's second prefill step (16k tokens) and print its kernels")
     args = ap.parse_args()
     from labengine.attention.triton_backend import kernels
 
@@ -89,6 +91,17 @@ def main():
     for i, (p, sp) in enumerate(zip(prompts, tp.params_for(outputs))):
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, sp)
     n = 0
+    if args.prefill:  # the first step compiles what the warm-up did not; the second is a plain one
+        engine.step()
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        print("prefill step (second of the workload):")
+        print_kernels(prof)
+        n = 2
     while n < args.warm_steps:
         engine.step()
         n += 1
@@ -100,6 +113,10 @@ def main():
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
+    print_kernels(prof)
+
+
+def print_kernels(prof):
     for key in ("device_time_total", "cuda_time_total"):
         try:
             print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))

@@ -358,11 +358,13 @@ def main():
                     help="comma list of labengine runs with one optimisation switched off, timed after the main run: "
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
-                         "not longest first), decode_balance (decode splits not balanced by the step's lengths)")
-    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance"),
+                         "not longest first), decode_balance (decode splits not balanced by the step's lengths), "
+                         "sample_splits (one sampling program per row)")
+    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance", "sample_splits"),
                     help="time the first defaults configuration with one decode-kernel choice on and off, "
                          "alternating, in the same engine (--ab-rounds rounds): decode_order (longest first), "
-                         "decode_balance (splits balanced by the step's lengths; the graphs are recaptured)")
+                         "decode_balance (splits balanced by the step's lengths; the graphs are recaptured), "
+                         "sample_splits (the sampling kernel's rows split over programs at small batches)")
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
@@ -519,9 +521,10 @@ class ablated:
     "sampling_kernel": the sampler uses its PyTorch methods;
     "decode_order": the decode kernel takes the sequences in batch order, not longest first;
     "decode_balance": the decode kernel's splits from the batch size and max_seq_len alone (one
-    program per sequence and KV head in most steps), not balanced by the step's real lengths."""
+    program per sequence and KV head in most steps), not balanced by the step's real lengths;
+    "sample_splits": the sampling kernel with one program per row, however small the batch."""
 
-    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance")
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits")
     RECAPTURE = ("decode_balance",)  # decided when the CUDA graphs are captured: A/B recaptures them
 
     def __init__(self, what):
@@ -534,7 +537,9 @@ class ablated:
         import labengine.models.llama as llama
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len)
+        sampling = sys.modules["labengine.kernels.sampling"]
+        self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
+                      sampling.choose_sample_splits)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
         elif self.what == "sampling_kernel":
@@ -542,6 +547,8 @@ class ablated:
             le.Sampler = lambda *a, kernels=None, **kw: base(*a, **kw)
         elif self.what == "decode_balance":
             TAB.decode_split_len = lambda self, *args: None
+        elif self.what == "sample_splits":
+            sampling.choose_sample_splits = lambda *args: 1
         else:
             TAB.decode_launch_order = lambda self, seq_lens: None
 
@@ -550,7 +557,8 @@ class ablated:
         import labengine.models.llama as llama
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
-        llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len = self.saved
+        (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
+         sys.modules["labengine.kernels.sampling"].choose_sample_splits) = self.saved
 
 
 def recapture_graphs(llm):

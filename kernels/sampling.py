@@ -12,8 +12,11 @@ In PyTorch the same step is ~8 passes over [rows, vocab] float32 (scale, max, ex
 random tensor, log, divide, argmax): 1.5 ms per decode step at 256 rows x 151,936 entries
 on an H200; this reads the logits once.
 
-Grid (num_samples,): one program per sample (a row may be sampled several times, e.g.
-best_of at the prompt step), walking its row in BLOCK_V-entry chunks.
+Grid (num_samples, splits): each sample (a row may be sampled several times, e.g. best_of at
+the prompt step) is drawn by `splits` programs, each walking its share of the row in
+BLOCK_V-entry chunks; with more than one split, `_sample_merge_kernel` combines their maxima,
+sums and best scores. A small batch gets several splits so that its programs fill the GPU
+(one program per row left most of an H200 idle at batch 32); the token never depends on it.
 
 The seed of sample s is seeds[s] when given (a seeded request draws its own, so its tokens
 do not depend on the rest of the batch), else base_seed + s. The random stream differs from
@@ -23,6 +26,8 @@ the PyTorch sampler's (same law, different numbers).
 compare empirical frequencies with it.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -37,17 +42,24 @@ def _sample_kernel(
     Rows,  # [S] int64 row of Logits that sample s draws from
     Temps,  # [S] fp32 temperature of sample s; 0 = greedy (argmax of the unscaled logits)
     Seeds,  # [S] int64 Philox seed of sample s (read only when HAS_SEEDS)
-    Tokens,  # [S] int64 out: the sampled token
+    Tokens,  # [S] int64 out: the sampled token (SPLITS == 1)
     Logprobs,  # [S] fp32 out: its log-probability under softmax(logits / T) (T = 1 when greedy)
+    Part,  # [S, SPLITS, 4] fp32 out (SPLITS > 1): each split's max and sum of exp of x / T, best score, its x
+    Part_idx,  # [S, SPLITS] int32 out (SPLITS > 1): the index of each split's best score
     stride_l,
     V,
+    split_len,  # vocabulary entries per split, a multiple of BLOCK_V
     base_seed,  # seed of sample s = base_seed + s when there are no Seeds
     HAS_SEEDS: tl.constexpr,
     BLOCK_V: tl.constexpr,  # vocabulary entries per chunk, as a [BLOCK_V // 4, 4] tile
+    SPLITS: tl.constexpr,  # programs per sample, each over split_len entries of the row
 ):
     Q: tl.constexpr = BLOCK_V // 4
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
+    split = tl.program_id(1)
+    v_lo = split * split_len
+    v_hi = tl.minimum(V, v_lo + split_len)
     row = tl.load(Rows + s)
     temp = tl.load(Temps + s)
     greedy = temp == 0.0
@@ -67,9 +79,9 @@ def _sample_kernel(
     best = tl.full([Q, 4], NEG_INF, tl.float32)
     best_x = tl.full([Q, 4], NEG_INF, tl.float32)
     best_i = tl.zeros([Q, 4], tl.int32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tile
-        valid = cols < V
+        valid = cols < v_hi
         # x / T rounded as torch's division rounds it (a product with 1 / T can differ in
         # the last bit), so scaling here or in the sampler beforehand gives the same samples
         x = tl.math.div_rn(tl.load(ptr + cols, mask=valid, other=NEG_INF).to(tl.float32), temp)
@@ -96,8 +108,67 @@ def _sample_kernel(
     # the first index holding the best score, as torch.argmax
     idx = tl.min(tl.min(tl.where(best == b, best_i, V), 1), 0)
     x_idx = tl.max(tl.max(tl.where((best == b) & (best_i == idx), best_x, NEG_INF), 1), 0)
+    if SPLITS == 1:
+        tl.store(Tokens + s, idx.to(tl.int64))
+        tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
+    else:
+        part = Part + (s * SPLITS + split) * 4
+        tl.store(part, m_all)
+        tl.store(part + 1, total_all)
+        tl.store(part + 2, b)
+        tl.store(part + 3, x_idx)
+        tl.store(Part_idx + s * SPLITS + split, idx)
+
+
+@triton.jit
+def _sample_merge_kernel(
+    Part,  # [S, SPLITS, 4] fp32 from _sample_kernel
+    Part_idx,  # [S, SPLITS] int32
+    Tokens,  # [S] int64 out
+    Logprobs,  # [S] fp32 out
+    V,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # next_pow2(SPLITS)
+):
+    """One sample's splits into its token (the best score; ties: the lowest index, as in one
+    program) and its logprob (x - log-sum-exp, the sums moved to the row's max)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    s = tl.program_id(0)
+    k = tl.arange(0, SPLITS_PAD)
+    mask = k < SPLITS
+    part = Part + (s * SPLITS + k) * 4
+    m = tl.load(part, mask=mask, other=NEG_INF)
+    total = tl.load(part + 1, mask=mask, other=0.0)
+    best = tl.load(part + 2, mask=mask, other=NEG_INF)
+    best_x = tl.load(part + 3, mask=mask, other=NEG_INF)
+    best_i = tl.load(Part_idx + s * SPLITS + k, mask=mask, other=V)
+    m_all = tl.max(m, 0)
+    m_all_safe = tl.where(m_all == NEG_INF, 0.0, m_all)
+    total_all = tl.sum(tl.where(m == NEG_INF, 0.0, total * tl.exp(m - m_all_safe)), 0)
+    b = tl.max(best, 0)
+    idx = tl.min(tl.where(best == b, best_i, V), 0)
+    x_idx = tl.max(tl.where((best == b) & (best_i == idx), best_x, NEG_INF), 0)
     tl.store(Tokens + s, idx.to(tl.int64))
     tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
+
+
+TARGET_PROGRAMS_PER_SM = 2  # sampling programs: enough per SM to keep the memory busy
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index) -> int:
+    if device_index is None:  # CPU under TRITON_INTERPRET=1: a tiny pretend GPU
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_sample_splits(num_samples: int, vocab: int, block_v: int, sms: int) -> int:
+    """Programs per sample: enough that num_samples x splits fills every SM
+    TARGET_PROGRAMS_PER_SM times (a batch of 32 rows alone would leave 100 of an H200's 132 SMs
+    idle, and one program streams its 600 KB row at a fraction of the memory's speed), at most
+    one chunk of block_v entries per split."""
+    want = -(-TARGET_PROGRAMS_PER_SM * sms // max(1, num_samples))
+    return max(1, min(want, -(-vocab // block_v)))
 
 
 def sample(
@@ -107,6 +178,7 @@ def sample(
     seeds: torch.Tensor | None = None,  # [S] int64 per-sample seeds (None: base_seed + s)
     base_seed: int = 0,
     block_v: int = 4096,
+    splits: int | None = None,  # programs per sample (None: choose_sample_splits)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] int64 and their logprobs [S] fp32. No host sync: CUDA-graph and async safe.
 
@@ -114,7 +186,9 @@ def sample(
     coalesced loads, 38 chunks for a 151,936-entry vocabulary. Each thread keeps its own
     running state in registers and the program reduces once at the end, so the loop has no
     cross-warp reductions (a first version reduced every chunk and ran 5x slower than the
-    memory allowed); one program per sample, no second pass, no merge.
+    memory allowed). A sample's row is split over several programs when there are too few
+    samples to fill the GPU (choose_sample_splits); a second, tiny launch merges the splits.
+    Every entry's noise depends on its column only, so the split changes no token.
     """
     R, V = logits.shape
     S = temperatures.shape[0]
@@ -128,11 +202,25 @@ def sample(
     if S == 0:
         return tokens, logprobs
     block = max(16, min(block_v, triton.next_power_of_2(V)))
-    _sample_kernel[(S,)](
-        logits, rows, temperatures, seeds if seeds is not None else rows, tokens, logprobs,
-        logits.stride(0), V, int(base_seed) % (2**30),
-        HAS_SEEDS=seeds is not None, BLOCK_V=block, num_warps=16 if block >= 4096 else 4,
+    if splits is None:
+        splits = choose_sample_splits(S, V, block, _num_sms(logits.device.index if device.type == "cuda" else None))
+    chunks = -(-V // block)
+    splits = max(1, min(splits, chunks))
+    split_len = -(-chunks // splits) * block
+    splits = -(-V // split_len)  # no empty split
+    if splits > 1:
+        part = torch.empty((S, splits, 4), dtype=torch.float32, device=device)
+        part_idx = torch.empty((S, splits), dtype=torch.int32, device=device)
+    else:
+        part, part_idx = logprobs, tokens  # unused
+    _sample_kernel[(S, splits)](
+        logits, rows, temperatures, seeds if seeds is not None else rows, tokens, logprobs, part, part_idx,
+        logits.stride(0), V, split_len, int(base_seed) % (2**30),
+        HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLITS=splits, num_warps=16 if block >= 4096 else 4,
     )
+    if splits > 1:
+        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, SPLITS=splits,
+                                   SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
     return tokens, logprobs
 
 

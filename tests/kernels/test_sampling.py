@@ -87,3 +87,34 @@ def test_sample_real_vocab():
     tokens, logprobs = sample(logits, temps, base_seed=1)
     assert torch.equal(tokens[::2], logits[::2].argmax(-1))
     check_logprobs(logits, temps, torch.arange(256), tokens, logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("V", [5000, 4096 * 3])  # a partial last split; whole splits
+def test_splits_change_no_token(V):
+    """A row split over several programs (a small batch) draws the very tokens of one program
+    per row (each entry's noise depends on its column only) with the same logprobs; greedy rows,
+    masked entries and a row whose best entries sit in different splits included."""
+    gen = torch.Generator().manual_seed(V)
+    logits = (torch.randn(5, V, generator=gen) * 3).to(DEVICE)
+    logits[1, : V // 2] = float("-inf")  # the first splits of row 1 see only masked entries
+    logits[3, 10] = logits[3, V - 5] = logits[3].max() + 2  # greedy tie across splits: the first wins
+    temps = torch.tensor([1.0, 0.7, 1.3, 0.0, 0.5], device=DEVICE)
+    rows = torch.tensor([0, 1, 2, 3, 4, 0, 2], device=DEVICE)
+    temps7 = temps[rows]
+    one = sample(logits, temps7, rows=rows, base_seed=11, block_v=1024, splits=1)
+    for splits in (2, 3, 5, None):
+        got = sample(logits, temps7, rows=rows, base_seed=11, block_v=1024, splits=splits)
+        assert got[0].tolist() == one[0].tolist(), splits
+        torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=1e-5)
+    assert one[0][3].item() == 10
+    check_logprobs(logits, temps7, rows, one[0], one[1])
+
+
+def test_choose_sample_splits():
+    from labengine.kernels.sampling import choose_sample_splits
+
+    assert choose_sample_splits(256, 151936, 4096, 132) == 2  # 512 programs on 132 SMs
+    assert choose_sample_splits(32, 151936, 4096, 132) == 9
+    assert choose_sample_splits(1, 151936, 4096, 132) == 38  # one chunk of 4096 entries per program
+    assert choose_sample_splits(300, 151936, 4096, 132) == 1
+    assert choose_sample_splits(4, 1000, 4096, 132) == 1  # a vocabulary of one chunk

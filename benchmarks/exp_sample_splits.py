@@ -1,0 +1,69 @@
+"""Experiment (issue 20 item 2): the sampling kernel with one program per row against rows split
+over several programs, at the decode batch sizes of the throughput workload.
+
+    PYTHONPATH=. python benchmarks/exp_sample_splits.py [--batches 1,16,32,64,128,256] [--smoke]
+
+A decode step of the throughput workload spent ~0.2 ms sampling at batch 256 (the fourth
+session's profile): one program per row, each streaming its 151,936 float32 logits (600 KB)
+alone. At batch 32 that is 32 programs on an H200's 132 SMs. This times kernels.sample (temperature
+0.6, the workload's; CUDA graph replays) with splits=1 and with the launcher's choice
+(choose_sample_splits) and a few fixed split counts, checks that every variant draws the same
+tokens as splits=1, and prints the time and the logits' bytes against the copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+VOCAB = 151936
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,16,32,64,128,256")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
+    from labengine.kernels.sampling import _num_sms, choose_sample_splits, sample
+
+    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
+    batches = [3] if smoke else [int(b) for b in args.batches.split(",")]
+    vocab = 5000 if smoke else VOCAB
+    block = 1024 if smoke else 4096
+    sms = _num_sms(dev.index if dev.type == "cuda" else None) if dev.type == "cuda" else 4
+    rows = []
+    for B in batches:
+        gen = torch.Generator(device=dev).manual_seed(B)
+        n_sets = 1 if smoke else max(2, -(-3 * 60 * 10**6 // (B * vocab * 4)))  # >= 3x the L2
+        sets = [torch.randn(B, vocab, device=dev, generator=gen) * 3 for _ in range(n_sets)]
+        temps = torch.full((B,), 0.6, device=dev)
+        auto = choose_sample_splits(B, vocab, block, sms)
+        variants = [("1 program per row", 1), (f"auto ({auto} per row)", None)]
+        variants += [(f"{k} per row", k) for k in (2, 4, 8, 16) if k != auto and k * B <= 8 * sms]
+        ref = sample(sets[0], temps, base_seed=3, block_v=block, splits=1)[0]
+        for label, splits in variants:
+            fns = [lambda lg=lg: sample(lg, temps, base_seed=3, block_v=block, splits=splits) for lg in sets]
+            got = fns[0]()[0]
+            assert torch.equal(got, ref), f"B={B} {label}: other tokens than one program per row"
+            if smoke:
+                rows.append((B, label, float("nan"), float("nan")))
+                continue
+            t = BK.bench_graph(fns)
+            pct = 100 * B * vocab * 4 / t / copy_bw
+            rows.append((B, label, t * 1e6, pct))
+            print(f"B={B} {label}: {t * 1e6:.1f} us, logits at {pct:.1f} % of copy bandwidth", flush=True)
+    print("\n| batch | sampling kernel | us | logits read at % of copy bandwidth | vs 1 per row |")
+    print("|---|---|---|---|---|")
+    base = {B: t for B, label, t, _ in rows if label == "1 program per row"}
+    for B, label, t, pct in rows:
+        print(f"| {B} | {label} | {t:.1f} | {pct:.1f} | {base[B] / t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
