@@ -36,7 +36,7 @@ def main():
     batches = [3] if smoke else [int(b) for b in args.batches.split(",")]
     vocab = 5000 if smoke else VOCAB
     block = 1024 if smoke else 4096
-    sms = _num_sms(dev.index if dev.type == "cuda" else None) if dev.type == "cuda" else 4
+    sms = _num_sms(torch.cuda.current_device()) if dev.type == "cuda" else 4
     rows = []
     for B in batches:
         gen = torch.Generator(device=dev).manual_seed(B)

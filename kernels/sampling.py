@@ -49,10 +49,11 @@ def _sample_kernel(
     stride_l,
     V,
     split_len,  # vocabulary entries per split, a multiple of BLOCK_V
+    splits,  # programs per sample (the grid's second dimension)
     base_seed,  # seed of sample s = base_seed + s when there are no Seeds
     HAS_SEEDS: tl.constexpr,
     BLOCK_V: tl.constexpr,  # vocabulary entries per chunk, as a [BLOCK_V // 4, 4] tile
-    SPLITS: tl.constexpr,  # programs per sample, each over split_len entries of the row
+    SPLIT: tl.constexpr,  # more than one program per sample: write partials for the merge
 ):
     Q: tl.constexpr = BLOCK_V // 4
     NEG_INF: tl.constexpr = float("-inf")
@@ -85,10 +86,15 @@ def _sample_kernel(
         # x / T rounded as torch's division rounds it (a product with 1 / T can differ in
         # the last bit), so scaling here or in the sampler beforehand gives the same samples
         x = tl.math.div_rn(tl.load(ptr + cols, mask=valid, other=NEG_INF).to(tl.float32), temp)
-        m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # nothing finite yet: keep total at 0
-        total = total * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-        m = m_new
+        # sum of exp(x - m) against the lane's running max m, one exp per entry: a new max
+        # rescales the old sum by exp(m - x) and adds 1, any other entry adds exp(x - m)
+        # (-inf entries add nothing; the first finite one makes the sum 1 whatever e is; the
+        # selects keep -inf - -inf, a NaN, out of the exp)
+        bigger = x > m
+        e = tl.exp(-tl.abs(tl.where(x == NEG_INF, 0.0, x) - tl.where(m == NEG_INF, 0.0, m)))
+        e = tl.where(x == NEG_INF, 0.0, e)
+        total = tl.where(bigger, total * e + 1.0, total + e)
+        m = tl.maximum(m, x)
         if greedy:
             score = x
         else:
@@ -108,40 +114,40 @@ def _sample_kernel(
     # the first index holding the best score, as torch.argmax
     idx = tl.min(tl.min(tl.where(best == b, best_i, V), 1), 0)
     x_idx = tl.max(tl.max(tl.where((best == b) & (best_i == idx), best_x, NEG_INF), 1), 0)
-    if SPLITS == 1:
-        tl.store(Tokens + s, idx.to(tl.int64))
-        tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
-    else:
-        part = Part + (s * SPLITS + split) * 4
+    if SPLIT:
+        part = Part + (s * splits + split) * 4
         tl.store(part, m_all)
         tl.store(part + 1, total_all)
         tl.store(part + 2, b)
         tl.store(part + 3, x_idx)
-        tl.store(Part_idx + s * SPLITS + split, idx)
+        tl.store(Part_idx + s * splits + split, idx)
+    else:
+        tl.store(Tokens + s, idx.to(tl.int64))
+        tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
 
 
 @triton.jit
 def _sample_merge_kernel(
-    Part,  # [S, SPLITS, 4] fp32 from _sample_kernel
-    Part_idx,  # [S, SPLITS] int32
+    Part,  # [S, splits, 4] fp32 from _sample_kernel
+    Part_idx,  # [S, splits] int32
     Tokens,  # [S] int64 out
     Logprobs,  # [S] fp32 out
     V,
-    SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # next_pow2(SPLITS)
+    splits,
+    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled merge for every split count
 ):
     """One sample's splits into its token (the best score; ties: the lowest index, as in one
     program) and its logprob (x - log-sum-exp, the sums moved to the row's max)."""
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
     k = tl.arange(0, SPLITS_PAD)
-    mask = k < SPLITS
-    part = Part + (s * SPLITS + k) * 4
+    mask = k < splits
+    part = Part + (s * splits + k) * 4
     m = tl.load(part, mask=mask, other=NEG_INF)
     total = tl.load(part + 1, mask=mask, other=0.0)
     best = tl.load(part + 2, mask=mask, other=NEG_INF)
     best_x = tl.load(part + 3, mask=mask, other=NEG_INF)
-    best_i = tl.load(Part_idx + s * SPLITS + k, mask=mask, other=V)
+    best_i = tl.load(Part_idx + s * splits + k, mask=mask, other=V)
     m_all = tl.max(m, 0)
     m_all_safe = tl.where(m_all == NEG_INF, 0.0, m_all)
     total_all = tl.sum(tl.where(m == NEG_INF, 0.0, total * tl.exp(m - m_all_safe)), 0)
@@ -153,6 +159,7 @@ def _sample_merge_kernel(
 
 
 TARGET_PROGRAMS_PER_SM = 2  # sampling programs: enough per SM to keep the memory busy
+MAX_SPLITS = 64  # programs per sample at most (the merge kernel is compiled for this many)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,7 +175,7 @@ def choose_sample_splits(num_samples: int, vocab: int, block_v: int, sms: int) -
     idle, and one program streams its 600 KB row at a fraction of the memory's speed), at most
     one chunk of block_v entries per split."""
     want = -(-TARGET_PROGRAMS_PER_SM * sms // max(1, num_samples))
-    return max(1, min(want, -(-vocab // block_v)))
+    return max(1, min(want, -(-vocab // block_v), MAX_SPLITS))
 
 
 def sample(
@@ -205,7 +212,7 @@ def sample(
     if splits is None:
         splits = choose_sample_splits(S, V, block, _num_sms(logits.device.index if device.type == "cuda" else None))
     chunks = -(-V // block)
-    splits = max(1, min(splits, chunks))
+    splits = max(1, min(splits, chunks, MAX_SPLITS))
     split_len = -(-chunks // splits) * block
     splits = -(-V // split_len)  # no empty split
     if splits > 1:
@@ -215,12 +222,11 @@ def sample(
         part, part_idx = logprobs, tokens  # unused
     _sample_kernel[(S, splits)](
         logits, rows, temperatures, seeds if seeds is not None else rows, tokens, logprobs, part, part_idx,
-        logits.stride(0), V, split_len, int(base_seed) % (2**30),
-        HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLITS=splits, num_warps=16 if block >= 4096 else 4,
+        logits.stride(0), V, split_len, splits, int(base_seed) % (2**30),
+        HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLIT=splits > 1, num_warps=16 if block >= 4096 else 4,
     )
     if splits > 1:
-        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, SPLITS=splits,
-                                   SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1)
     return tokens, logprobs
 
 

@@ -114,9 +114,9 @@ def test_decode_balanced_splits_are_checked():
 
 
 def test_balanced_num_splits():
-    # H200: 132 SMs x 4 programs; 8 KV heads: batch 131 still splits, 132 has two waves of pairs
-    assert balanced_num_splits(131, 8, 528) == BALANCED_SPLITS
-    assert balanced_num_splits(132, 8, 528) == 1
+    # H200: 132 SMs x 4 programs; 8 KV heads: batch 98 still splits, 99 has 1.5 waves of pairs
+    assert balanced_num_splits(98, 8, 528) == BALANCED_SPLITS
+    assert balanced_num_splits(99, 8, 528) == 1
     assert balanced_num_splits(1, 1, 528) == BALANCED_SPLITS
 
 
