@@ -158,7 +158,7 @@ def _sample_merge_kernel(
     tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
 
 
-TARGET_PROGRAMS_PER_SM = 2  # sampling programs: enough per SM to keep the memory busy
+TARGET_PROGRAMS_PER_SM = 1  # sampling programs per SM (H200: 2 per SM was slower at batch 64-256)
 MAX_SPLITS = 64  # programs per sample at most (the merge kernel is compiled for this many)
 
 
@@ -170,11 +170,12 @@ def _num_sms(device_index) -> int:
 
 
 def choose_sample_splits(num_samples: int, vocab: int, block_v: int, sms: int) -> int:
-    """Programs per sample: enough that num_samples x splits fills every SM
-    TARGET_PROGRAMS_PER_SM times (a batch of 32 rows alone would leave 100 of an H200's 132 SMs
-    idle, and one program streams its 600 KB row at a fraction of the memory's speed), at most
-    one chunk of block_v entries per split."""
-    want = -(-TARGET_PROGRAMS_PER_SM * sms // max(1, num_samples))
+    """Programs per sample: about TARGET_PROGRAMS_PER_SM per SM in all (a batch of 32 rows alone
+    would leave 100 of an H200's 132 SMs idle, and one program takes ~0.1 ms to stream its
+    600 KB row), at least one, at most one chunk of block_v entries per split. Measured on an
+    H200 (benchmarks/exp_sample_splits.py; RESULTS.md): batch 16 with 8 splits 5.1x faster than
+    one program per row, batch 32 with 4 3.1x, batch 64 with 2 1.8x; batch 128 and more: 1."""
+    want = round(TARGET_PROGRAMS_PER_SM * sms / max(1, num_samples))
     return max(1, min(want, -(-vocab // block_v), MAX_SPLITS))
 
 

@@ -113,8 +113,9 @@ def test_splits_change_no_token(V):
 def test_choose_sample_splits():
     from labengine.kernels.sampling import choose_sample_splits
 
-    assert choose_sample_splits(256, 151936, 4096, 132) == 2  # 512 programs on 132 SMs
-    assert choose_sample_splits(32, 151936, 4096, 132) == 9
+    assert choose_sample_splits(256, 151936, 4096, 132) == 1  # 256 programs on 132 SMs
+    assert choose_sample_splits(128, 151936, 4096, 132) == 1
+    assert choose_sample_splits(64, 151936, 4096, 132) == 2
+    assert choose_sample_splits(32, 151936, 4096, 132) == 4
     assert choose_sample_splits(1, 151936, 4096, 132) == 38  # one chunk of 4096 entries per program
-    assert choose_sample_splits(300, 151936, 4096, 132) == 1
     assert choose_sample_splits(4, 1000, 4096, 132) == 1  # a vocabulary of one chunk
