@@ -65,6 +65,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(mc, self.tokenizer)
         self.sampler = Sampler(self.model_runner.vocab_size, self.eos_token_ids,
                                kernels=self.model_runner.attn_backend.kernels)
+        self.sampler.warm_up(self.model_runner.device, self.model_runner.dtype)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.stop_checker = StopChecker(mc.max_model_len, self.tokenizer, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.scheduler, self.detokenizer, self.stop_checker,

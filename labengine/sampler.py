@@ -322,6 +322,21 @@ class Sampler:
             return "kernel"
         return "exponential" if device.type == "cuda" else "inverse_cdf"
 
+    @torch.inference_mode()
+    def warm_up(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Compile the sampling kernel's common variants now (the model dtype's logits, one
+        program per row and split rows, and the merge) rather than in the middle of a user's
+        first run, where the batch shrinking below the GPU's size stalled a step on a compile
+        (an H200 run of the throughput workload: 5.96 s against 5.3-5.4 s for the runs after it).
+        Only on a CUDA device with the kernel method; triton caches the compiled kernels on disk."""
+        if device.type != "cuda" or self.method_for(device) != "kernel":
+            return
+        logits = torch.zeros((1, self.vocab_size), dtype=dtype, device=device)
+        temps = torch.ones(1, dtype=torch.float32, device=device)
+        for splits in (1, 2):
+            self.kernels.sample(logits, temps, splits=splits)
+        torch.cuda.synchronize(device)
+
     # ------------------------------------------------------------------ main entry
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata
                  ) -> list[SequenceGroupOutput]:
