@@ -23,7 +23,11 @@ is CUDA-graph capturable; under graph capture the runner passes max_seq_len = ma
 
 A real batch mixes lengths, and the programs that start last decide when the kernel ends:
 the engine passes the sequences longest first (`order`, built by `longest_first`), so the
-last programs are the shortest (a real decode step: 92% -> 95% of copy bandwidth).
+last programs are the shortest (a real decode step: 92% -> 95% of copy bandwidth). When the
+programs fit in about one wave they all start at once and the longest one decides alone, so
+the engine also passes `split_len` (balanced splits: at most that many keys per program,
+chosen per step from the real lengths by `decode_split_len`; batch 64 of mixed lengths: 69%
+-> 79% of copy bandwidth).
 
 `decode_attention_ref` at the bottom is the PyTorch reference the tests compare against.
 """
