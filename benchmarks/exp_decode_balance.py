@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, workload_lens  # noqa: E402
+from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, record, workload_lens  # noqa: E402
 
 SWEEP = (256, 512, 768, 1024, 1536, 2048)
 SHARES = (1.0, 1.5, 2.0)
@@ -108,10 +108,7 @@ def main():
                 t = BK.bench_graph(fns)
                 if label == "warm-up":
                     continue
-                pct = 100 * nbytes / t / copy_bw
-                rows.append((B, case, label, t * 1e6, pct))
-                print(f"B={B} {case} (mean {sum(ls) / B:.0f}, max {max(ls)}) {label}: {t * 1e6:.1f} us, "
-                      f"{pct:.1f} % of copy bandwidth", flush=True)
+                record(rows, B, case, label, t, nbytes, copy_bw, ls)
             del sets
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -64,6 +64,15 @@ def inputs(lens, dev, seed):
     return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32, device=dev)
 
 
+def record(rows, B, case, label, t, nbytes, copy_bw, lens):
+    """Append (B, case, label, us, % of copy bandwidth) for a variant timed at t seconds per call,
+    and print it (also used by exp_decode_balance.py)."""
+    pct = 100 * nbytes / t / copy_bw
+    rows.append((B, case, label, t * 1e6, pct))
+    print(f"B={B} {case} (mean len {sum(lens) / B:.0f}, max {max(lens)}) {label}: {t * 1e6:.1f} us, "
+          f"{pct:.1f} % of copy bandwidth", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="256,128,64")
@@ -124,10 +133,7 @@ def main():
                 if smoke:
                     rows.append((B, case, label, float("nan"), float("nan")))
                     continue
-                pct = 100 * nbytes / t / copy_bw
-                rows.append((B, case, label, t * 1e6, pct))
-                print(f"B={B} {case} (mean len {mean}, max {max(ls)}) {label}: {t * 1e6:.1f} us, "
-                      f"{pct:.1f} % of copy bandwidth", flush=True)
+                record(rows, B, case, label, t, nbytes, copy_bw, ls)
             del sets
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

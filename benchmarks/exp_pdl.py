@@ -75,30 +75,13 @@ def chain(bufs, n_kernels, pdl, weight=None):
     return x
 
 
-def graph_us(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", type=int, default=280)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    import bench_kernels as BK
+
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     smoke = dev.type != "cuda"
     n = 4 if smoke else args.kernels
@@ -119,7 +102,7 @@ def main():
             if smoke:
                 continue
             bufs = (x0.clone(), torch.empty_like(x0))
-            t = graph_us(lambda: chain(bufs, n, pdl, weight))
+            t = BK.bench_graph([lambda: chain(bufs, n, pdl, weight)]) * 1e6  # us per graph replay
             rows.append((label, pdl, t, t / n))
             print(f"{label}, {'PDL' if pdl else 'plain'}: {t:.1f} us for {n} kernels ({t / n:.2f} us each)", flush=True)
         if True in results:
