@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, record, workload_lens  # noqa: E402
+from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, print_table, record, workload_lens  # noqa: E402
 
 SWEEP = (256, 512, 768, 1024, 1536, 2048)
 SHARES = (1.0, 1.5, 2.0)
@@ -112,11 +112,7 @@ def main():
             del sets
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    print("\n| batch | lengths | decode kernel | us | % of copy bandwidth | vs before |")
-    print("|---|---|---|---|---|---|")
-    base = {(B, case): t for B, case, label, t, _ in rows if label == "before"}
-    for B, case, label, t, pct in rows:
-        print(f"| {B} | {case} | {label} | {t:.1f} | {pct:.1f} | {base[(B, case)] / t:.3f} |")
+    print_table(rows, "decode kernel", "before")
 
 
 if __name__ == "__main__":

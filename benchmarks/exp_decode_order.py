@@ -73,6 +73,17 @@ def record(rows, B, case, label, t, nbytes, copy_bw, lens):
           f"{pct:.1f} % of copy bandwidth", flush=True)
 
 
+def print_table(rows, column, vs_label, base_case=None):
+    """rows as a markdown table; the last column is the time of the row labelled vs_label (in the
+    same case, or in base_case) over each row's (also used by exp_decode_balance.py)."""
+    print(f"\n| batch | lengths | {column} | us | % of copy bandwidth | vs {vs_label} |")
+    print("|---|---|---|---|---|---|")
+    base = {(B, case): t for B, case, label, t, _ in rows if label == vs_label}
+    for B, case, label, t, pct in rows:
+        ref = base.get((B, base_case or case), float("nan"))
+        print(f"| {B} | {case} | {label} | {t:.1f} | {pct:.1f} | {ref / t if t == t else float('nan'):.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="256,128,64")
@@ -137,15 +148,7 @@ def main():
             del sets
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    print("\n| batch | lengths | programs take sequences | us | % of copy bandwidth | vs batch order |")
-    print("|---|---|---|---|---|---|")
-    base = {}
-    for B, case, label, t, pct in rows:
-        if case == "workload" and label == "batch order":
-            base[B] = t
-    for B, case, label, t, pct in rows:
-        rel = base.get(B, float("nan")) / t if t == t else float("nan")
-        print(f"| {B} | {case} | {label} | {t:.1f} | {pct:.1f} | {rel:.3f} |")
+    print_table(rows, "programs take sequences", "batch order", base_case="workload")
 
 
 if __name__ == "__main__":
