@@ -366,6 +366,8 @@ def main():
                          "decode_balance (splits balanced by the step's lengths; the graphs are recaptured), "
                          "sample_splits (the sampling kernel's rows split over programs at small batches)")
     ap.add_argument("--ab-rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each configuration's engine this many times; report the first run and the median")
     ap.add_argument("--configs", default="tuned",
                     help="comma list of labengine configurations to time, in this order: tuned (the hand-tuned "
                          "settings), defaults (LLM(model, dtype='bfloat16', max_model_len=--default-max-model-len) "
@@ -439,6 +441,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted, roof=None):
         results[key] = run_labengine(llm, prompts, outputs)
         counted[key] = total_out
         print(f"{key}: {results[key]:.2f} s, {total_out / results[key]:.0f} tok/s", flush=True)
+        repeat_runs(args.repeats, llm, prompts, outputs, key, results, counted)
         if args.analyze and c == "defaults":  # where the default configuration's time goes (issue 20 item 2)
             analyze_labengine(llm, prompts, outputs, roof)
         if args.ab and c == configs[0]:
@@ -452,6 +455,7 @@ def run_engine_part(args, path, prompts, outputs, results, counted, roof=None):
     results["labengine"] = run_labengine(llm, prompts, outputs)
     counted["labengine"] = total_out
     print(f"labengine: {results['labengine']:.2f} s, {total_out / results['labengine']:.0f} tok/s", flush=True)
+    repeat_runs(args.repeats, llm, prompts, outputs, "labengine", results, counted)
     if args.analyze and "defaults" not in configs:
         analyze_labengine(llm, prompts, outputs, roof)
     if args.profile:
@@ -486,6 +490,19 @@ def run_engine_part(args, path, prompts, outputs, results, counted, roof=None):
         if args.analyze:
             analyze_labengine(llm, prompts, outputs, roof)
         del llm
+
+
+def repeat_runs(repeats, llm, prompts, outputs, key, results, counted):
+    """--repeats N: N - 1 more runs of the same engine after its first; the median of all N is
+    reported beside the first run (the spread between runs is several per cent)."""
+    if repeats <= 1:
+        return
+    import statistics
+
+    times = [results[key]] + [run_labengine(llm, prompts, outputs) for _ in range(repeats - 1)]
+    name = f"{key}, median of {repeats} runs"
+    results[name], counted[name] = statistics.median(times), sum(outputs)
+    print(f"{key}: {repeats} runs {', '.join(f'{t:.2f}' for t in times)} s; median {results[name]:.2f} s", flush=True)
 
 
 def ab_in_one_engine(llm, what, rounds, prompts, outputs, key, results, counted):
