@@ -373,7 +373,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int,
 # several splits, short ones one, and the programs carry about equal work.
 BALANCED_SPLITS = 8  # the grid's splits per sequence; those a sequence does not need exit at once
 # Both fitted on an H200 (benchmarks/exp_decode_balance.py, 2026-12-04, in RESULTS.md): at 1.94
-# waves (batch 128, 8 KV heads) the 8-split grid's idle programs cost 2-5 % and one split per
+# waves (batch 128, 8 KV heads) the 8-split grid's idle programs cost 2-6 % and one split per
 # sequence was best; at 1.45 waves (batch 96) balancing gained 0-4 %, at one wave (batch 64)
 # up to 13 %. Shares of 0.5, 1, 1.5 and 2 of the average: 1 and 1.5 best (75 % of copy bandwidth
 # on average over batch 16-96 against 73 % for 0.5).

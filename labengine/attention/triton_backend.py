@@ -15,8 +15,8 @@ The decode path is CUDA-graph capturable: it launches kernels only, with grid si
 the split-KV count computed from host integers (query.shape[0] and meta.max_seq_len; the
 runner passes max_seq_len = max_model_len while capturing), takes what changes per step
 (the order, the balanced split length) from device tensors the runner rewrites before each
-replay, and never reads a tensor back to the host (no .item()/.tolist()). The prefill path sizes its grid from
-meta.max_query_len and is not captured.
+replay, and never reads a tensor back to the host (no .item()/.tolist()). The prefill path
+sizes its grid from meta.max_query_len and is not captured.
 
 It runs on CUDA tensors, and on CPU tensors when Triton's interpreter is on
 (TRITON_INTERPRET=1 set before the kernels were imported), so CI exercises the very code
