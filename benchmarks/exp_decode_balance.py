@@ -15,8 +15,12 @@ workload's lengths mid-run (prompt 100-1,024 + part of a 100-1,024 output) and l
                    of the fourth session
   balanced (auto)  split_len = choose_split_len(lengths), the grid's splits from
                    balanced_num_splits: what the engine passes now
+  share X: L x 8   the policy at another SLOT_SHARE (the split length it picks)
   split_len=L      BALANCED_SPLITS splits in the grid, L keys per split (the sweep the policy
                    is checked against)
+  no split, 8-split grid   the split grid with one split per sequence (the idle programs' cost)
+
+after a discarded warm-up variant (the first variant timed on fresh inputs ran ~12 % slow)
 
 and prints each against the device's copy bandwidth (bytes: q, K, V, out). Every variant's output
 is checked against the PyTorch reference first. --smoke: a small batch on whatever device there
