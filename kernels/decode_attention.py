@@ -406,19 +406,26 @@ def choose_split_len(seq_lens, num_kv_heads: int, slots: int, block_n: int = 64,
     return min(length, max(block_n, -(-longest // block_n) * block_n))
 
 
+@functools.lru_cache(maxsize=None)  # asked at every decode step with the same arguments
+def _decode_slots(head_size: int, dtype: torch.dtype, device_index) -> tuple[int, int]:
+    """(program slots on the device, BLOCK_N) of the launcher's default tiling for this head size."""
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_n = 64 if block_d <= 128 else 32
+    elem = dtype.itemsize
+    sms, smem_per_sm = _device_facts(device_index)
+    num_warps = 4 if block_d <= 128 else 8
+    per_sm = programs_per_sm(block_n, block_d, 16, elem, num_warps, MAX_REGISTERS if elem == 2 else 0, smem_per_sm)
+    return sms * per_sm, block_n
+
+
 def decode_split_len(seq_lens, num_kv_heads: int, head_size: int, dtype: torch.dtype,
                      device: torch.device) -> int:
     """choose_split_len with the decode kernel's own tiling and this device's slots: what the
     engine passes (as a device tensor) with each decode step."""
-    block_d = max(16, triton.next_power_of_2(head_size))
-    block_n = 64 if block_d <= 128 else 32
-    elem = torch.empty((), dtype=dtype).element_size()
-    sms, smem_per_sm = _device_facts(_device_index(device))
-    num_warps = 4 if block_d <= 128 else 8
-    per_sm = programs_per_sm(block_n, block_d, 16, elem, num_warps, MAX_REGISTERS if elem == 2 else 0, smem_per_sm)
-    if balanced_num_splits(len(seq_lens), num_kv_heads, sms * per_sm) == 1:
+    slots, block_n = _decode_slots(head_size, dtype, _device_index(device))
+    if balanced_num_splits(len(seq_lens), num_kv_heads, slots) == 1:
         return max(seq_lens)  # the grid will not split (any padded batch is larger still)
-    return choose_split_len(seq_lens, num_kv_heads, sms * per_sm, block_n)
+    return choose_split_len(seq_lens, num_kv_heads, slots, block_n)
 
 
 def decode_attention(
