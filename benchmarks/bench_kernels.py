@@ -101,6 +101,18 @@ def copy_bandwidth(nbytes=2 * 1024**3):
     return 2 * nbytes / t, t
 
 
+def experiment_setup(default_batches: str, smoke_batches: list[int]):
+    """The command line every exp_*.py script shares, parsed: --batches (comma list, default
+    default_batches) and --smoke. Returns (device, smoke, copy bandwidth or None, batch sizes);
+    a smoke run takes smoke_batches."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default=default_batches)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev, smoke, copy_bw = experiment_device(args.smoke)
+    return dev, smoke, copy_bw, smoke_batches if smoke else [int(b) for b in args.batches.split(",")]
+
+
 def experiment_device(smoke: bool):
     """(device, smoke, copy bandwidth in bytes/s or None) for an exp_*.py script: the GPU when
     there is one and --smoke was not asked (the bandwidth measured and printed), else a smoke run

@@ -28,7 +28,6 @@ is (checks the script).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -52,22 +51,16 @@ def late_lens(B, gen):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="16,32,48,64,96,128,192,256")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
     DA = sys.modules["labengine.kernels.decode_attention"]  # the module (the package exports the launcher by that name)
     from labengine.kernels.decode_attention import (
-        BALANCED_SPLITS, _device_facts, _device_index, balanced_num_splits, choose_split_len, decode_attention,
-        decode_attention_ref, longest_first, programs_per_sm,
+        BALANCED_SPLITS, _decode_slots, _device_index, balanced_num_splits, choose_split_len, decode_attention,
+        decode_attention_ref, longest_first,
     )
 
-    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
-    batches = [4] if smoke else [int(b) for b in args.batches.split(",")]
-    sms, smem = _device_facts(_device_index(dev))
-    slots = sms * programs_per_sm(64, 128, 16, 2, 4, 128, smem)
-    print(f"{sms} SMs, {slots} program slots", flush=True)
+    dev, smoke, copy_bw, batches = BK.experiment_setup("16,32,48,64,96,128,192,256", [4])
+    slots = _decode_slots(D, torch.bfloat16, _device_index(dev))[0]
+    print(f"{slots} program slots", flush=True)
     rows = []
     for B in batches:
         gen = torch.Generator().manual_seed(B)

@@ -15,7 +15,6 @@ against F.linear first. Measurement only: the engine does not use this kernel.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -83,14 +82,9 @@ def gemm(x, w, bm, bn, bk, split, warps, stages, acc=None):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="256,128,64")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import bench_kernels as BK
 
-    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
-    batches = [16] if smoke else [int(b) for b in args.batches.split(",")]
+    dev, smoke, copy_bw, batches = BK.experiment_setup("256,128,64", [16])
     shapes = {"qkv": (128, 256)} if smoke else SHAPES
     tilings = [(16, 32, 32, 1, 4, 1), (16, 32, 32, 2, 4, 1)] if smoke else TILINGS
     print("| M | shape | kernel | us | TFLOP/s | weight bytes at % of copy | cuBLAS / this |")

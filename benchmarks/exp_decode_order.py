@@ -24,7 +24,6 @@ output is checked against the PyTorch reference first (the orders give identical
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -85,15 +84,10 @@ def print_table(rows, column, vs_label, base_case=None):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="256,128,64")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
     from labengine.kernels.decode_attention import decode_attention, decode_attention_ref, longest_first
 
-    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
-    batches = [4] if smoke else [int(b) for b in args.batches.split(",")]
+    dev, smoke, copy_bw, batches = BK.experiment_setup("256,128,64", [4])
     rows = []
     for B in batches:
         gen = torch.Generator().manual_seed(B)

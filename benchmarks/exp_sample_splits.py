@@ -12,7 +12,6 @@ tokens as splits=1, and prints the time and the logits' bytes against the copy b
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,15 +24,10 @@ VOCAB = 151936
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,16,32,64,128,256")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
     from labengine.kernels.sampling import _num_sms, choose_sample_splits, sample
 
-    dev, smoke, copy_bw = BK.experiment_device(args.smoke)
-    batches = [3] if smoke else [int(b) for b in args.batches.split(",")]
+    dev, smoke, copy_bw, batches = BK.experiment_setup("1,16,32,64,128,256", [3])
     vocab = 5000 if smoke else VOCAB
     block = 1024 if smoke else 4096
     sms = _num_sms(torch.cuda.current_device()) if dev.type == "cuda" else 4
