@@ -359,12 +359,13 @@ def main():
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
                          "not longest first), decode_balance (decode splits not balanced by the step's lengths), "
-                         "sample_splits (one sampling program per row)")
-    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance", "sample_splits"),
+                         "sample_splits (one sampling program per row), pdl (no programmatic dependent launch)")
+    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance", "sample_splits", "pdl"),
                     help="time the first defaults configuration with one decode-kernel choice on and off, "
                          "alternating, in the same engine (--ab-rounds rounds): decode_order (longest first), "
                          "decode_balance (splits balanced by the step's lengths; the graphs are recaptured), "
-                         "sample_splits (the sampling kernel's rows split over programs at small batches)")
+                         "sample_splits (the sampling kernel's rows split over programs at small batches), "
+                         "pdl (programmatic dependent launch of the decode step's Triton kernels; graphs recaptured)")
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each configuration's engine this many times; report the first run and the median")
@@ -539,10 +540,11 @@ class ablated:
     "decode_order": the decode kernel takes the sequences in batch order, not longest first;
     "decode_balance": the decode kernel's splits from the batch size and max_seq_len alone (one
     program per sequence and KV head in most steps), not balanced by the step's real lengths;
-    "sample_splits": the sampling kernel with one program per row, however small the batch."""
+    "sample_splits": the sampling kernel with one program per row, however small the batch;
+    "pdl": every Triton kernel launched plainly, without programmatic dependent launch."""
 
-    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits")
-    RECAPTURE = ("decode_balance",)  # decided when the CUDA graphs are captured: A/B recaptures them
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits", "pdl")
+    RECAPTURE = ("decode_balance", "pdl")  # decided when the CUDA graphs are captured: A/B recaptures them
 
     def __init__(self, what):
         if what not in self.WHAT:
@@ -555,8 +557,9 @@ class ablated:
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
         sampling = sys.modules["labengine.kernels.sampling"]
+        pdl = sys.modules["labengine.kernels.pdl"]
         self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-                      sampling.choose_sample_splits)
+                      sampling.choose_sample_splits, pdl.ENABLED)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
         elif self.what == "sampling_kernel":
@@ -566,6 +569,8 @@ class ablated:
             TAB.decode_split_len = lambda self, *args: None
         elif self.what == "sample_splits":
             sampling.choose_sample_splits = lambda *args: 1
+        elif self.what == "pdl":
+            pdl.ENABLED = False
         else:
             TAB.decode_launch_order = lambda self, seq_lens: None
 
@@ -575,7 +580,8 @@ class ablated:
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
         (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-         sys.modules["labengine.kernels.sampling"].choose_sample_splits) = self.saved
+         sys.modules["labengine.kernels.sampling"].choose_sample_splits,
+         sys.modules["labengine.kernels.pdl"].ENABLED) = self.saved
 
 
 def recapture_graphs(llm):
@@ -587,6 +593,9 @@ def recapture_graphs(llm):
     runner._graph_io = None
     free_memory()
     runner.capture_graphs()
+    # the sampling kernel runs outside the graphs and may need a new variant after the switch:
+    # compile it here, untimed
+    llm.llm_engine.sampler.warm_up(runner.device, runner.dtype)
 
 
 def run_baselines(args, path, prompts, outputs, results, counted):

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -73,7 +75,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,  # next_pow2(N): the whole row in one tile
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -115,7 +119,7 @@ def rms_norm(
             x.stride(0), r.stride(0), out.stride(0), res_out.stride(0),
             N, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N,
-            num_warps=min(16, max(1, BLOCK_N // 256)),
+            num_warps=min(16, max(1, BLOCK_N // 256)), **pdl_args(x.device),
         )
     return out if residual is None else (out, res_out)
 
@@ -153,7 +157,9 @@ def _qk_norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,  # next_pow2(ROT_HALF)
     BLOCK_REST: tl.constexpr,  # next_pow2(HEAD_DIM - 2 * ROT_HALF), 0 when rotary covers the head
     HAS_NORM: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     dtype = Q_out.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)
@@ -248,7 +254,7 @@ def qk_norm_rope(
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 0,
         HAS_NORM=has_norm,
-        num_warps=4,
+        num_warps=4, **pdl_args(qkv.device),
     )
     return q, k
 
@@ -282,7 +288,9 @@ def _silu_and_mul_kernel(
     stride_x,
     I,
     BLOCK: tl.constexpr,  # channels per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -301,7 +309,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x [T, 2 * I] -> [T, I]
     out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     if T > 0:
         BLOCK = min(1024, triton.next_power_of_2(inter))
-        _silu_and_mul_kernel[(T, triton.cdiv(inter, BLOCK))](x, out, x.stride(0), inter, BLOCK=BLOCK, num_warps=4)
+        _silu_and_mul_kernel[(T, triton.cdiv(inter, BLOCK))](x, out, x.stride(0), inter, BLOCK=BLOCK, num_warps=4,
+                                                            **pdl_args(x.device))
     return out
 
 
