@@ -8,7 +8,9 @@ session's profile): one program per row, each streaming its 151,936 float32 logi
 alone. At batch 32 that is 32 programs on an H200's 132 SMs. This times kernels.sample (temperature
 0.6, the workload's; CUDA graph replays) with splits=1 and with the launcher's choice
 (choose_sample_splits) and a few fixed split counts, checks that every variant draws the same
-tokens as splits=1, and prints the time and the logits' bytes against the copy bandwidth.
+tokens as splits=1 (the same tiling's log), and prints the time and the logits' bytes against the
+copy bandwidth. Also: the exact outer log of the noise (before the fast one) and smaller programs
+(4 entries per thread instead of 8, several programs per SM).
 """
 from __future__ import annotations
 
@@ -38,13 +40,23 @@ def main():
         sets = [torch.randn(B, vocab, device=dev, generator=gen) * 3 for _ in range(n_sets)]
         temps = torch.full((B,), 0.6, device=dev)
         auto = choose_sample_splits(B, vocab, block, sms)
-        variants = [("1 program per row", 1), (f"auto ({auto} per row)", None)]
-        variants += [(f"{k} per row", k) for k in (2, 4, 8, 16) if k != auto and k * B <= 8 * sms]
-        ref = sample(sets[0], temps, base_seed=3, block_v=block, splits=1)[0]
-        for label, splits in variants:
-            fns = [lambda lg=lg: sample(lg, temps, base_seed=3, block_v=block, splits=splits) for lg in sets]
+        # (label, splits, keyword arguments): the launcher's tiling with its fast outer log, then
+        # the exact log (the kernel before 2026-12-04's sixth session), then smaller programs
+        # (4 entries per thread: ~60 registers, so two or four programs share an SM)
+        variants = [("1 program per row", 1, {}), (f"auto ({auto} per row)", None, {}),
+                    (f"auto ({auto} per row), exact log", None, dict(fast_log=False))]
+        variants += [(f"{k} per row", k, {}) for k in (2, 4, 8, 16) if k != auto and k * B <= 8 * sms]
+        if not smoke:
+            for bv, nw, per_sm in ((2048, 16, 2), (1024, 8, 4)):
+                k = max(1, min(round(per_sm * sms / B), -(-vocab // bv)))
+                variants.append((f"{bv}-entry chunks, {nw} warps, {k} per row", k, dict(block_v=bv, num_warps=nw)))
+        ref = {False: sample(sets[0], temps, base_seed=3, block_v=block, splits=1, fast_log=False)[0],
+               None: sample(sets[0], temps, base_seed=3, block_v=block, splits=1)[0]}
+        for label, splits, kw in variants:
+            kw = dict(dict(block_v=block), **kw)
+            fns = [lambda lg=lg: sample(lg, temps, base_seed=3, splits=splits, **kw) for lg in sets]
             got = fns[0]()[0]
-            assert torch.equal(got, ref), f"B={B} {label}: other tokens than one program per row"
+            assert torch.equal(got, ref[kw.get("fast_log")]), f"B={B} {label}: other tokens than one program per row"
             if smoke:
                 rows.append((B, label, float("nan"), float("nan")))
                 continue

@@ -33,6 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_args, pdl_prologue
+
+try:  # the GPU's fast log2 (lg2.approx) for the Gumbel noise's outer log
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover
+    libdevice = None
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: the kernel reads it
+
 
 # base_seed changes every step: without do_not_specialize Triton would compile a variant the
 # first time it is divisible by 16 (or equals 1), a ~0.5 s stall in the middle of a run
@@ -54,7 +63,10 @@ def _sample_kernel(
     HAS_SEEDS: tl.constexpr,
     BLOCK_V: tl.constexpr,  # vocabulary entries per chunk, as a [BLOCK_V // 4, 4] tile
     SPLIT: tl.constexpr,  # more than one program per sample: write partials for the merge
+    FAST_LOG: tl.constexpr,  # the noise's outer log by the GPU's lg2.approx (scores in base 2)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
+    pdl_prologue(PDL)
     Q: tl.constexpr = BLOCK_V // 4
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
@@ -101,7 +113,13 @@ def _sample_kernel(
             # one Philox call per 4 entries (counter = column // 4), its 4 outputs side by side
             u0, u1, u2, u3 = tl.rand4x(seed, v0 // 4 + offs_i)
             u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [Q, 4])
-            score = x - tl.log(-tl.log(u))  # Gumbel noise; u = 0 gives -inf: never chosen
+            if FAST_LOG:
+                # argmax(x - ln E) = argmax(x log2(e) - log2 E), E = -ln u ~ Exp(1): the inner log
+                # stays exact (E near 0, u near 1, is the noise's large tail); the outer one's
+                # error (~2^-22 relative) is below x's own rounding
+                score = x * LOG2E - libdevice.fast_log2f(-tl.log(u))
+            else:
+                score = x - tl.log(-tl.log(u))  # Gumbel noise; u = 0 gives -inf: never chosen
         score = tl.where(valid, score, NEG_INF)
         take = score > best  # strict: within a lane the earlier entry wins ties
         best = tl.where(take, score, best)
@@ -135,9 +153,11 @@ def _sample_merge_kernel(
     V,
     splits,
     SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled merge for every split count
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
     """One sample's splits into its token (the best score; ties: the lowest index, as in one
     program) and its logprob (x - log-sum-exp, the sums moved to the row's max)."""
+    pdl_prologue(PDL)
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
     k = tl.arange(0, SPLITS_PAD)
@@ -187,6 +207,8 @@ def sample(
     base_seed: int = 0,
     block_v: int = 4096,
     splits: int | None = None,  # programs per sample (None: choose_sample_splits)
+    num_warps: int | None = None,  # per program (None: 16 for 4096-entry chunks, else 4)
+    fast_log: bool | None = None,  # the noise's outer log by lg2.approx (None: on CUDA devices)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] int64 and their logprobs [S] fp32. No host sync: CUDA-graph and async safe.
 
@@ -224,10 +246,13 @@ def sample(
     _sample_kernel[(S, splits)](
         logits, rows, temperatures, seeds if seeds is not None else rows, tokens, logprobs, part, part_idx,
         logits.stride(0), V, split_len, splits, int(base_seed) % (2**30),
-        HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLIT=splits > 1, num_warps=16 if block >= 4096 else 4,
+        HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLIT=splits > 1,
+        FAST_LOG=(device.type == "cuda" and libdevice is not None) if fast_log is None else fast_log,
+        num_warps=num_warps or (16 if block >= 4096 else 4), **pdl_args(device),
     )
     if splits > 1:
-        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1)
+        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1,
+                                   **pdl_args(device))
     return tokens, logprobs
 
 

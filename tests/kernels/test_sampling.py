@@ -108,6 +108,29 @@ def test_splits_change_no_token(V):
         torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=1e-5)
     assert one[0][3].item() == 10
     check_logprobs(logits, temps7, rows, one[0], one[1])
+    # smaller chunks (another tiling, as the launcher may pick) change no token either
+    for block_v, warps in ((512, 4), (256, 2)):
+        got = sample(logits, temps7, rows=rows, base_seed=11, block_v=block_v, splits=3, num_warps=warps)
+        assert got[0].tolist() == one[0].tolist(), block_v
+        torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+def test_fast_outer_log_draws_the_exact_logs_tokens():
+    """On the GPU the noise's outer log is lg2.approx (fast_log, the default there); its error is
+    far below a logit's rounding, so the same seeds draw the same tokens as the exact log but
+    for near-ties (at most one row in a thousand here), with the same logprobs."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    logits = torch.randn(256, 151936, device=DEVICE, generator=gen) * 3
+    temps = torch.full((256,), 0.6, device=DEVICE)
+    same = 0
+    for seed in range(4):
+        fast = sample(logits, temps, base_seed=seed)
+        exact = sample(logits, temps, base_seed=seed, fast_log=False)
+        equal = fast[0] == exact[0]
+        same += int(equal.sum())
+        torch.testing.assert_close(fast[1][equal], exact[1][equal], atol=1e-5, rtol=1e-5)
+    assert same >= 1023, same
 
 
 def test_choose_sample_splits():
