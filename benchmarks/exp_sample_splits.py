@@ -9,8 +9,8 @@ alone. At batch 32 that is 32 programs on an H200's 132 SMs. This times kernels.
 0.6, the workload's; CUDA graph replays) with splits=1 and with the launcher's choice
 (choose_sample_splits) and a few fixed split counts, checks that every variant draws the same
 tokens as splits=1 (the same tiling's log), and prints the time and the logits' bytes against the
-copy bandwidth. Also: the exact outer log of the noise (before the fast one) and smaller programs
-(4 entries per thread instead of 8, several programs per SM).
+copy bandwidth. Also: the exact outer log of the noise (before the fast one) and other chunk sizes
+(the launcher's 2048 entries and 16 warps: 4 entries per thread, two programs per SM).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main():
 
     dev, smoke, copy_bw, batches = BK.experiment_setup("1,16,32,64,128,256", [3])
     vocab = 5000 if smoke else VOCAB
-    block = 1024 if smoke else 4096
+    block = 1024 if smoke else 2048  # the launcher's default chunk
     sms = _num_sms(torch.cuda.current_device()) if dev.type == "cuda" else 4
     rows = []
     for B in batches:
@@ -41,13 +41,13 @@ def main():
         temps = torch.full((B,), 0.6, device=dev)
         auto = choose_sample_splits(B, vocab, block, sms)
         # (label, splits, keyword arguments): the launcher's tiling with its fast outer log, then
-        # the exact log (the kernel before 2026-12-04's sixth session), then smaller programs
-        # (4 entries per thread: ~60 registers, so two or four programs share an SM)
+        # the exact log, then the fifth session's tiling (4096-entry chunks: 8 entries per thread,
+        # ~117 registers, one program per SM) and 1024-entry chunks of 8 warps (four per SM)
         variants = [("1 program per row", 1, {}), (f"auto ({auto} per row)", None, {}),
                     (f"auto ({auto} per row), exact log", None, dict(fast_log=False))]
         variants += [(f"{k} per row", k, {}) for k in (2, 4, 8, 16) if k != auto and k * B <= 8 * sms]
         if not smoke:
-            for bv, nw, per_sm in ((2048, 16, 2), (1024, 8, 4)):
+            for bv, nw, per_sm in ((4096, 16, 1), (1024, 8, 4)):
                 k = max(1, min(round(per_sm * sms / B), -(-vocab // bv)))
                 variants.append((f"{bv}-entry chunks, {nw} warps, {k} per row", k, dict(block_v=bv, num_warps=nw)))
         ref = {False: sample(sets[0], temps, base_seed=3, block_v=block, splits=1, fast_log=False)[0],

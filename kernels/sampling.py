@@ -178,7 +178,7 @@ def _sample_merge_kernel(
     tl.store(Logprobs + s, x_idx - m_all - tl.log(total_all))
 
 
-TARGET_PROGRAMS_PER_SM = 1  # sampling programs per SM (H200: 2 per SM was slower at batch 64-256)
+TARGET_PROGRAMS_PER_SM = 2  # sampling programs per SM: two 16-warp programs of 2048-entry chunks fit in one
 MAX_SPLITS = 64  # programs per sample at most (the merge kernel is compiled for this many)
 
 
@@ -193,8 +193,9 @@ def choose_sample_splits(num_samples: int, vocab: int, block_v: int, sms: int) -
     """Programs per sample: about TARGET_PROGRAMS_PER_SM per SM in all (a batch of 32 rows alone
     would leave 100 of an H200's 132 SMs idle, and one program takes ~0.1 ms to stream its
     600 KB row), at least one, at most one chunk of block_v entries per split. Measured on an
-    H200 (benchmarks/exp_sample_splits.py; RESULTS.md): batch 16 with 8 splits 5.1x faster than
-    one program per row, batch 32 with 4 3.1x, batch 64 with 2 1.8x; batch 128 and more: 1."""
+    H200 (benchmarks/exp_sample_splits.py; RESULTS.md, sixth session), against one program per
+    row: batch 16 with 16 splits 5.4x faster, 32 with 8 3.3x, 64 with 4 2.0x, 128 with 2 1.1x;
+    batch 256: one split, two programs per SM."""
     want = round(TARGET_PROGRAMS_PER_SM * sms / max(1, num_samples))
     return max(1, min(want, -(-vocab // block_v), MAX_SPLITS))
 
@@ -205,15 +206,17 @@ def sample(
     rows: torch.Tensor | None = None,  # [S] int64 row of each sample (None: sample s reads row s)
     seeds: torch.Tensor | None = None,  # [S] int64 per-sample seeds (None: base_seed + s)
     base_seed: int = 0,
-    block_v: int = 4096,
+    block_v: int = 2048,
     splits: int | None = None,  # programs per sample (None: choose_sample_splits)
-    num_warps: int | None = None,  # per program (None: 16 for 4096-entry chunks, else 4)
+    num_warps: int | None = None,  # per program (None: 16 for chunks of 2048 entries or more, else 4)
     fast_log: bool | None = None,  # the noise's outer log by lg2.approx (None: on CUDA devices)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] int64 and their logprobs [S] fp32. No host sync: CUDA-graph and async safe.
 
-    Tiling: BLOCK_V = 4096 entries per chunk with 16 warps (8 entries per thread): long
-    coalesced loads, 38 chunks for a 151,936-entry vocabulary. Each thread keeps its own
+    Tiling: BLOCK_V = 2048 entries per chunk with 16 warps (4 entries per thread, ~60 registers,
+    so two programs share an SM): coalesced 16-byte loads, 75 chunks for a 151,936-entry
+    vocabulary. On an H200 (sixth session) this ran 12 % faster at batch 256 than 4096-entry
+    chunks (8 entries per thread, ~117 registers, one program per SM). Each thread keeps its own
     running state in registers and the program reduces once at the end, so the loop has no
     cross-warp reductions (a first version reduced every chunk and ran 5x slower than the
     memory allowed). A sample's row is split over several programs when there are too few
@@ -248,7 +251,7 @@ def sample(
         logits.stride(0), V, split_len, splits, int(base_seed) % (2**30),
         HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLIT=splits > 1,
         FAST_LOG=(device.type == "cuda" and libdevice is not None) if fast_log is None else fast_log,
-        num_warps=num_warps or (16 if block >= 4096 else 4), **pdl_args(device),
+        num_warps=num_warps or (16 if block >= 2048 else 4), **pdl_args(device),
     )
     if splits > 1:
         _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1,

@@ -136,9 +136,11 @@ def test_fast_outer_log_draws_the_exact_logs_tokens():
 def test_choose_sample_splits():
     from labengine.kernels.sampling import choose_sample_splits
 
-    assert choose_sample_splits(256, 151936, 4096, 132) == 1  # 256 programs on 132 SMs
-    assert choose_sample_splits(128, 151936, 4096, 132) == 1
-    assert choose_sample_splits(64, 151936, 4096, 132) == 2
-    assert choose_sample_splits(32, 151936, 4096, 132) == 4
-    assert choose_sample_splits(1, 151936, 4096, 132) == 38  # one chunk of 4096 entries per program
-    assert choose_sample_splits(4, 1000, 4096, 132) == 1  # a vocabulary of one chunk
+    # two programs per SM: 264 on an H200's 132 SMs
+    assert choose_sample_splits(256, 151936, 2048, 132) == 1
+    assert choose_sample_splits(128, 151936, 2048, 132) == 2
+    assert choose_sample_splits(64, 151936, 2048, 132) == 4
+    assert choose_sample_splits(32, 151936, 2048, 132) == 8
+    assert choose_sample_splits(1, 151936, 2048, 132) == 64  # at most MAX_SPLITS
+    assert choose_sample_splits(1, 100000, 4096, 132) == 25  # at most one chunk per program
+    assert choose_sample_splits(4, 1000, 2048, 132) == 1  # a vocabulary of one chunk
