@@ -10,6 +10,7 @@
 #   k) exp_sample_splits.py: the sampling kernel's split rows (S_SAMP, off) -> throughput.log
 #   l) profile_decode.py --prefill: a prefill step's and decode steps' kernels (S_PPROF, off; PP_ARGS) -> throughput.log
 #   m) exp_pdl.py: programmatic dependent launch per kernel boundary in a graph (S_PDL, off) -> throughput.log
+#   n) exp_overlap.py: a decode step as two half batches on two streams (S_OVL, off; OVL_ARGS) -> throughput.log
 #   a) throughput.py: engine defaults vs hand-tuned, same run, % of roofline -> throughput.log
 #   g) issue 21.6: the commits before/after tensor parallelism, A/B alternating -> throughput.log (appended)
 #      (the trees of 7e24f9f and d07ea77, prepared here as .gl/old and .gl/tp: see benchmarks/GPU_ROUND2.md)
@@ -62,7 +63,8 @@ run_step() {
 if [ "$DRY" = 0 ]; then
   S_NB=${S_NB:-110} S_TESTS=${S_TESTS:-80} S_TP=${S_TP:-85} S_OLD=${S_OLD:-50} S_TTFT=${S_TTFT:-50}
   S_PREFILL=${S_PREFILL:-40} S_PREFIX=${S_PREFIX:-50} S_SERVE=${S_SERVE:-60} S_DORDER=${S_DORDER:-0}
-  S_BAL=${S_BAL:-0} S_GEMM=${S_GEMM:-0} S_SAMP=${S_SAMP:-0} S_PPROF=${S_PPROF:-0} S_PDL=${S_PDL:-0}
+  S_BAL=${S_BAL:-0} S_GEMM=${S_GEMM:-0} S_SAMP=${S_SAMP:-0} S_PPROF=${S_PPROF:-0} S_PDL=${S_PDL:-0} S_OVL=${S_OVL:-0}
+  OVL_ARGS=${OVL_ARGS:-}
   PDL_ARGS="" SAMP_ARGS="" PPROF_ARGS=${PP_ARGS:-"--prefill --warm-steps 30 --steps 3"}
   DORDER_ARGS="" BAL_ARGS="" GEMM_ARGS=${GM_ARGS:-"--batches 256,128"}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
@@ -73,7 +75,7 @@ if [ "$DRY" = 0 ]; then
   GPU_TESTS=${G_TESTS:-"tests/test_engine_vs_hf.py tests/test_engine_workload.py tests/kernels $(ls tests/test_prefix_caching*.py 2>/dev/null | tr '\n' ' ')"}
 else
   S_NB=240 S_TESTS=120 S_TP=200 S_OLD=120 S_TTFT=200 S_PREFILL=200 S_PREFIX=120 S_SERVE=200 S_DORDER=120
-  S_BAL=120 S_GEMM=120 S_SAMP=120 S_PPROF=0 S_PDL=60
+  S_BAL=120 S_GEMM=120 S_SAMP=120 S_PPROF=0 S_PDL=60 S_OVL=30 OVL_ARGS="--smoke"
   PDL_ARGS="--smoke" SAMP_ARGS="--smoke" PPROF_ARGS=""
   DORDER_ARGS="--smoke" BAL_ARGS="--smoke" GEMM_ARGS="--smoke"
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
@@ -121,6 +123,10 @@ fi
 # m) programmatic dependent launch: what it saves per kernel boundary in a graph
 if [ "$S_PDL" -gt 0 ]; then
 run_step "m PDL per kernel boundary" "$S_PDL" throughput.log $PY benchmarks/exp_pdl.py $PDL_ARGS
+fi
+# n) two half batches on two streams: attention of one beside the GEMMs of the other
+if [ "$S_OVL" -gt 0 ]; then
+run_step "n two-stream decode step" "$S_OVL" throughput.log $PY benchmarks/exp_overlap.py $OVL_ARGS
 fi
 
 # a) defaults vs tuned, same run (issue 20 item 2)

@@ -359,13 +359,13 @@ def main():
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
                          "not longest first), decode_balance (decode splits not balanced by the step's lengths), "
-                         "sample_splits (one sampling program per row), pdl (no programmatic dependent launch)")
-    ap.add_argument("--ab", default="", choices=("", "decode_order", "decode_balance", "sample_splits", "pdl"),
-                    help="time the first defaults configuration with one decode-kernel choice on and off, "
-                         "alternating, in the same engine (--ab-rounds rounds): decode_order (longest first), "
-                         "decode_balance (splits balanced by the step's lengths; the graphs are recaptured), "
-                         "sample_splits (the sampling kernel's rows split over programs at small batches), "
-                         "pdl (programmatic dependent launch of the decode step's Triton kernels; graphs recaptured)")
+                         "sample_splits (one sampling program per row), pdl (no programmatic dependent launch), "
+                         "sample_tiling (the sampling kernel's 4096-entry chunks, one program per SM), "
+                         "fast_log (the sampling noise's exact outer log)")
+    ap.add_argument("--ab", default="", type=ab_choice,
+                    help="time the first configuration with one optimisation on and off (a comma list: each in turn), "
+                         "alternating, in the same engine (--ab-rounds rounds); the names as for --ablate (the "
+                         "decode graphs are recaptured for decode_balance and pdl)")
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each configuration's engine this many times; report the first run and the median")
@@ -446,7 +446,8 @@ def run_engine_part(args, path, prompts, outputs, results, counted, roof=None):
         if args.analyze and c == "defaults":  # where the default configuration's time goes (issue 20 item 2)
             analyze_labengine(llm, prompts, outputs, roof)
         if args.ab and c == configs[0]:
-            ab_in_one_engine(llm, args.ab, args.ab_rounds, prompts, outputs, key, results, counted)
+            for what in args.ab.split(","):
+                ab_in_one_engine(llm, what, args.ab_rounds, prompts, outputs, key, results, counted)
         del llm
     if "tuned" not in configs:
         return
@@ -506,6 +507,14 @@ def repeat_runs(repeats, llm, prompts, outputs, key, results, counted):
     print(f"{key}: {repeats} runs {', '.join(f'{t:.2f}' for t in times)} s; median {results[name]:.2f} s", flush=True)
 
 
+def ab_choice(value: str) -> str:
+    """--ab's value: a comma list of ablated.WHAT names."""
+    bad = [w for w in value.split(",") if w and w not in ablated.WHAT]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: allowed: {', '.join(ablated.WHAT)}")
+    return value
+
+
 def ab_in_one_engine(llm, what, rounds, prompts, outputs, key, results, counted):
     """One optimisation on and off in the same engine (no rebuild, the same memory and graphs),
     alternating ON OFF, OFF ON, ... so a drift of the machine hits both alike; medians."""
@@ -541,9 +550,12 @@ class ablated:
     "decode_balance": the decode kernel's splits from the batch size and max_seq_len alone (one
     program per sequence and KV head in most steps), not balanced by the step's real lengths;
     "sample_splits": the sampling kernel with one program per row, however small the batch;
-    "pdl": every Triton kernel launched plainly, without programmatic dependent launch."""
+    "pdl": every Triton kernel launched plainly, without programmatic dependent launch;
+    "sample_tiling": the sampling kernel's fifth-session tiling (4096-entry chunks, one program per SM);
+    "fast_log": the sampling noise's outer log exact (libdevice), not lg2.approx."""
 
-    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits", "pdl")
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits", "pdl",
+            "sample_tiling", "fast_log")
     RECAPTURE = ("decode_balance", "pdl")  # decided when the CUDA graphs are captured: A/B recaptures them
 
     def __init__(self, what):
@@ -559,7 +571,8 @@ class ablated:
         sampling = sys.modules["labengine.kernels.sampling"]
         pdl = sys.modules["labengine.kernels.pdl"]
         self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-                      sampling.choose_sample_splits, pdl.ENABLED)
+                      sampling.choose_sample_splits, pdl.ENABLED, sampling.TARGET_PROGRAMS_PER_SM,
+                      sys.modules["labengine.kernels"].sample)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
         elif self.what == "sampling_kernel":
@@ -571,6 +584,13 @@ class ablated:
             sampling.choose_sample_splits = lambda *args: 1
         elif self.what == "pdl":
             pdl.ENABLED = False
+        elif self.what in ("sample_tiling", "fast_log"):
+            import functools
+
+            kw = dict(block_v=4096) if self.what == "sample_tiling" else dict(fast_log=False)
+            if self.what == "sample_tiling":
+                sampling.TARGET_PROGRAMS_PER_SM = 1
+            sys.modules["labengine.kernels"].sample = functools.partial(sampling.sample, **kw)
         else:
             TAB.decode_launch_order = lambda self, seq_lens: None
 
@@ -579,9 +599,10 @@ class ablated:
         import labengine.models.llama as llama
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
+        sampling = sys.modules["labengine.kernels.sampling"]
         (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-         sys.modules["labengine.kernels.sampling"].choose_sample_splits,
-         sys.modules["labengine.kernels.pdl"].ENABLED) = self.saved
+         sampling.choose_sample_splits, sys.modules["labengine.kernels.pdl"].ENABLED,
+         sampling.TARGET_PROGRAMS_PER_SM, sys.modules["labengine.kernels"].sample) = self.saved
 
 
 def recapture_graphs(llm):
