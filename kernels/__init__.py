@@ -33,7 +33,7 @@ __all__ = [
     "decode_attention", "decode_attention_ref", "choose_num_splits", "longest_first",
     "choose_split_len", "decode_split_len",
     "prefill_attention", "prefill_attention_ref",
-    "rms_norm", "rms_norm_ref", "qk_norm_rope", "qk_norm_rope_ref", "silu_and_mul", "silu_and_mul_ref",
+    "rms_norm", "rms_norm_ref", "qk_norm_rope", "qk_norm_rope_ref", "kv_store_fits", "silu_and_mul", "silu_and_mul_ref",
     "sample", "sampling_probs_ref",
     "store_kv", "store_kv_ref", "copy_blocks", "copy_blocks_ref", "swap_blocks", "swap_blocks_ref",
 ]
@@ -77,7 +77,7 @@ elif importlib.util.find_spec("triton") is None:
 else:
     from .cache_ops import copy_blocks, copy_blocks_ref, store_kv, store_kv_ref, swap_blocks, swap_blocks_ref
     from .layer_ops import (
-        qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
+        kv_store_fits, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
     )
     from .decode_attention import (
         choose_num_splits, choose_split_len, decode_attention, decode_attention_ref, decode_split_len, longest_first,

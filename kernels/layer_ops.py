@@ -19,7 +19,10 @@ exp/rsqrt (`_round` below makes the intermediate roundings explicit).
   needs its sum of squares before it can write anything).
 * `qk_norm_rope`: grid (T,), one program per token covering all of its q and k heads as one
   [heads, D] tile: the heads of q then k are adjacent in a fused qkv row, so it reads one
-  contiguous run per token.
+  contiguous run per token. Given the layer's paged KV cache and the slot mapping, the same
+  program also writes the token's rotated k and its v (the qkv row's last Hkv heads) into the
+  cache, skipping slot -1: store_kv's work without its launch (one fewer per layer and step;
+  the attention backend is then told `kv_stored=True`). `kv_store_fits` says when it can.
 * `silu_and_mul`: grid (T, cdiv(I, BLOCK)), BLOCK = 1024 channels per program.
 
 Each launcher has its PyTorch reference (`*_ref`) below it.
@@ -30,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cache_ops import store_kv_ref
 from .pdl import pdl_args, pdl_prologue
 
 
@@ -147,21 +151,46 @@ def _qk_norm_rope_kernel(
     K_norm_w,  # [D] k_norm weight (read only when HAS_NORM)
     Q_out,  # [T, Hq, D] rotated queries, contiguous
     K_out,  # [T, Hkv, D] rotated keys, contiguous
+    K_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] key cache, last dim contiguous (written only when STORE_KV)
+    V_cache,  # [num_blocks, PAGE_SIZE, Hkv, D] value cache, same (written only when STORE_KV)
+    Slot_mapping,  # [T] int64 cache slot of each token, -1 = skip (read only when STORE_KV)
     stride_t, stride_cos, stride_sin,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
     eps,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROT_HALF: tl.constexpr,  # rotary_dim // 2 (rotary_dim <= HEAD_DIM: partial rotary leaves the rest as is)
+    PAGE_SIZE: tl.constexpr,  # the caches' block_size (1 when not STORE_KV)
     BLOCK_H: tl.constexpr,  # next_pow2(Hq + Hkv)
     BLOCK_HALF: tl.constexpr,  # next_pow2(ROT_HALF)
     BLOCK_REST: tl.constexpr,  # next_pow2(HEAD_DIM - 2 * ROT_HALF), 0 when rotary covers the head
+    BLOCK_KV: tl.constexpr,  # next_pow2(Hkv): the v tile (STORE_KV)
+    BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM): the v tile (STORE_KV)
     HAS_NORM: tl.constexpr,
+    STORE_KV: tl.constexpr,  # also write k and v of the token into the paged caches at Slot_mapping[t]
     PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
     pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     dtype = Q_out.dtype.element_ty
+    if STORE_KV:
+        # issued first so their latency overlaps the loads below; v is copied as is (after the
+        # k heads in the qkv row), k is written below from the same registers as K_out
+        slot = tl.load(Slot_mapping + t)
+        # KV heads to store: all, or none for slot -1 (padding, or a token whose KV is already
+        # cached). A count rather than a scalar mask: Triton's interpreter cannot AND a scalar
+        # mask into a tensor mask ("mask has unsupported dtype")
+        store_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)
+        slot = tl.where(slot >= 0, slot, 0)
+        k_row = K_cache + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kct
+        v_row = V_cache + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vct
+        offs_v = tl.arange(0, BLOCK_KV)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_v = (offs_v < store_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        v_src = QKV + t * stride_t + (NUM_Q_HEADS + NUM_KV_HEADS) * HEAD_DIM + offs_v[:, None] * HEAD_DIM
+        v = tl.load(v_src + offs_d[None, :], mask=mask_v, other=0.0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_HALF)
     mask_h = offs_h < NUM_Q_HEADS + NUM_KV_HEADS
@@ -213,10 +242,53 @@ def _qk_norm_rope_kernel(
         rmask = offs_r < HEAD_DIM - 2 * ROT_HALF
         tl.store(q_rest, x3.to(dtype), mask=is_q[:, None] & rmask[None, :])
         tl.store(k_rest, x3.to(dtype), mask=is_k[:, None] & rmask[None, :])
+    if STORE_KV:
+        # cast to the cache's dtype as store_kv does (`key.to(k_cache.dtype)`): o1/o2/x3 hold
+        # model-dtype values, so _cast rounds once, like PyTorch, and is exact when the dtypes match
+        cdtype = K_cache.dtype.element_ty
+        store_k = (offs_h >= NUM_Q_HEADS) & (offs_h < NUM_Q_HEADS + store_heads)
+        k_dst = k_row + (offs_h[:, None] - NUM_Q_HEADS) * stride_kch + offs_c[None, :]
+        mkc = store_k[:, None] & mask_c[None, :]
+        tl.store(k_dst, _cast(o1, cdtype), mask=mkc)
+        tl.store(k_dst + ROT_HALF, _cast(o2, cdtype), mask=mkc)
+        if BLOCK_REST > 0:
+            k_rest = k_row + (offs_h[:, None] - NUM_Q_HEADS) * stride_kch + 2 * ROT_HALF + offs_r[None, :]
+            tl.store(k_rest, _cast(x3, cdtype), mask=store_k[:, None] & rmask[None, :])
+        v_dst = v_row + offs_v[:, None] * stride_vch + offs_d[None, :]
+        tl.store(v_dst, _cast(v.to(tl.float32), V_cache.dtype.element_ty), mask=mask_v)
+
+
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # those _cast rounds to
+
+
+def kv_store_fits(
+    qkv: torch.Tensor,  # [T, >= (Hq + 2 * Hkv) * D]
+    kv_cache,  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D], or None
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> bool:
+    """Can `qk_norm_rope(..., kv_cache=kv_cache)` store this step's k and v itself?
+
+    False where store_kv still has to: no cache (or an empty one), another layout or
+    device, a dtype `_cast` does not round to, or a qkv row without its v columns. The
+    caller then leaves the store to the attention backend, as before the fusion.
+    """
+    if kv_cache is None or len(kv_cache) != 2 or kv_cache[0] is None or kv_cache[1] is None:
+        return False
+    k_cache, v_cache = kv_cache
+    return (
+        k_cache.dim() == 4 and k_cache.numel() > 0
+        and tuple(k_cache.shape[2:]) == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+        and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        and k_cache.device == qkv.device and v_cache.device == qkv.device
+        and k_cache.dtype in _CACHE_DTYPES and v_cache.dtype in _CACHE_DTYPES
+        and qkv.dim() == 2 and qkv.shape[1] >= (num_q_heads + 2 * num_kv_heads) * head_dim
+    )
 
 
 def qk_norm_rope(
-    qkv: torch.Tensor,  # [T, >= (Hq + Hkv) * D]: q heads, then k heads (v after them is not read)
+    qkv: torch.Tensor,  # [T, >= (Hq + Hkv) * D]: q heads, then k heads, then (read only to store them) v heads
     cos: torch.Tensor,  # [T, rotary_dim // 2] (any middle singleton dims are squeezed), model dtype
     sin: torch.Tensor,  # [T, rotary_dim // 2]
     num_q_heads: int,
@@ -225,11 +297,18 @@ def qk_norm_rope(
     q_norm_weight: torch.Tensor | None = None,  # [D]: Qwen3's per-head RMSNorm before the rotation
     k_norm_weight: torch.Tensor | None = None,  # [D]
     eps: float = 1e-6,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # (k, v) caches, [num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor | None = None,  # [T] int64 cache slot of each token, -1 = skip
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (and, given the weights, first RMS-normalised) q [T, Hq, D] and k [T, Hkv, D].
 
     Neox-style rotation of the first rotary_dim = 2 * cos.shape[-1] channels of every head;
     the remaining channels (partial rotary) pass through (normalised when HAS_NORM).
+
+    Given kv_cache and slot_mapping (check `kv_store_fits` first), the same launch also does
+    store_kv's work: token t's rotated k and its v (qkv's columns (Hq + Hkv) * D onwards) go
+    to cache slot slot_mapping[t], cast to the cache's dtype; slot -1 is skipped. k is still
+    returned (the prefill kernel reads the step's own keys from it).
     """
     T = qkv.shape[0]
     cos = cos.reshape(T, -1)
@@ -237,31 +316,44 @@ def qk_norm_rope(
     half = cos.shape[1]
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and 2 * half <= head_dim
     assert qkv.shape[1] >= (num_q_heads + num_kv_heads) * head_dim
+    store = kv_cache is not None
+    assert store == (slot_mapping is not None), "kv_cache and slot_mapping go together"
+    if store:
+        assert kv_store_fits(qkv, kv_cache, num_q_heads, num_kv_heads, head_dim), "see kv_store_fits"
+        assert slot_mapping.dim() == 1 and slot_mapping.shape[0] >= T  # as store_kv reads it
+        k_cache, v_cache = kv_cache
+    else:  # unused pointers (STORE_KV is off)
+        k_cache = v_cache = slot_mapping = qkv
     q = torch.empty((T, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((T, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T == 0:
         return q, k
     has_norm = q_norm_weight is not None
     rest = head_dim - 2 * half
+    cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3]) if store else (0,) * 6
     _qk_norm_rope_kernel[(T,)](
         qkv, cos, sin,
         q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
-        q, k,
+        q, k, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), sin.stride(0),
+        *cache_strides,
         eps,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROT_HALF=half,
+        PAGE_SIZE=k_cache.shape[1] if store else 1,
         BLOCK_H=triton.next_power_of_2(num_q_heads + num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 0,
-        HAS_NORM=has_norm,
+        BLOCK_KV=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_NORM=has_norm, STORE_KV=store,
         num_warps=4, **pdl_args(qkv.device),
     )
     return q, k
 
 
 def qk_norm_rope_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim,
-                     q_norm_weight=None, k_norm_weight=None, eps=1e-6):
-    """PyTorch reference: transformers' Qwen3 q_norm/k_norm then apply_rotary_pos_emb."""
+                     q_norm_weight=None, k_norm_weight=None, eps=1e-6, kv_cache=None, slot_mapping=None):
+    """PyTorch reference: transformers' Qwen3 q_norm/k_norm then apply_rotary_pos_emb; given
+    kv_cache and slot_mapping, then store_kv_ref of the rotated k and the v heads."""
     T = qkv.shape[0]
     q = qkv[:, : num_q_heads * head_dim].reshape(T, num_q_heads, head_dim)
     k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_kv_heads) * head_dim].reshape(T, num_kv_heads, head_dim)
@@ -275,7 +367,12 @@ def qk_norm_rope_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim,
         x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
-    return rotate(q), rotate(k)
+    q, k = rotate(q), rotate(k)
+    if kv_cache is not None:
+        start = (num_q_heads + num_kv_heads) * head_dim
+        v = qkv[:, start : start + num_kv_heads * head_dim].reshape(T, num_kv_heads, head_dim)
+        store_kv_ref(k, v, kv_cache[0], kv_cache[1], slot_mapping)
+    return q, k
 
 
 # ------------------------------------------------------------------------------ SiLU and mul

@@ -42,6 +42,38 @@ def test_triton_backend_matches_torch_backend(model_path):
     assert "block_swapped_out" in events and "block_swapped_in" in events
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-store", "separate-store"])
+def test_fused_layers_store_the_kv_cache_without_store_kv(model_path, monkeypatch, fused):
+    """On the Triton path the Qwen3 layers write K/V into the paged cache in their q/k-norm +
+    rotary kernel: the backend is told kv_stored=True and its separate store_kv never runs, in
+    prefill and decode steps alike (copy-on-write and swap included). A backend that does not
+    opt in (stores_kv_in_rope False) gets the old path. Every token equals the PyTorch path's."""
+    from labengine.attention.triton_backend import TritonAttentionBackend, kernels
+
+    ref, _ = run(model_path, "torch")
+    if not fused:
+        monkeypatch.setattr(TritonAttentionBackend, "stores_kv_in_rope", False)
+    store_kv, stores = kernels.store_kv, []
+
+    def counting_store_kv(*args, **kw):
+        stores.append(1)
+        return store_kv(*args, **kw)
+
+    monkeypatch.setattr(kernels, "store_kv", counting_store_kv)
+    forward, seen = TritonAttentionBackend.forward, []
+
+    def spy(self, query, key, value, kv_cache, meta, scale, kv_stored=False):
+        seen.append((meta.is_prefill, kv_stored))
+        return forward(self, query, key, value, kv_cache, meta, scale, kv_stored=kv_stored)
+
+    monkeypatch.setattr(TritonAttentionBackend, "forward", spy)
+    got, _ = run(model_path, "triton", sampling_method="inverse_cdf")
+    assert got == ref
+    assert {prefill for prefill, _ in seen} == {True, False}  # prefill and decode steps ran
+    assert all(stored == fused for _, stored in seen)
+    assert (len(stores) == 0) == fused and (fused or len(stores) == len(seen))
+
+
 def test_triton_path_samples_with_the_kernel(model_path):
     """By default the Triton path samples with labengine.kernels.sample: greedy tokens still
     equal the PyTorch path's; seeded samples are reproducible (a different random stream)."""
@@ -77,10 +109,10 @@ def test_decode_steps_take_the_longest_sequences_first(model_path):
     seen = []
     forward = backend.forward
 
-    def spy(query, key, value, kv_cache, meta, scale):
+    def spy(query, key, value, kv_cache, meta, scale, **kw):
         seen.append((meta.is_prefill, list(meta.seq_lens_list),
                      None if meta.decode_order is None else meta.decode_order.tolist()))
-        return forward(query, key, value, kv_cache, meta, scale)
+        return forward(query, key, value, kv_cache, meta, scale, **kw)
 
     backend.forward = spy
     prompts = ["Hi", "Once upon a time there was a little robot", "The capital of France is"]
@@ -115,10 +147,10 @@ def test_decode_steps_balance_long_sequences_across_programs(model_path, monkeyp
             be = llm.llm_engine.model_runner.attn_backend
             forward = be.forward
 
-            def spy(query, key, value, kv_cache, meta, scale):
+            def spy(query, key, value, kv_cache, meta, scale, **kw):
                 if not meta.is_prefill:
                     seen.append((list(meta.seq_lens_list), meta.decode_split_len.tolist()))
-                return forward(query, key, value, kv_cache, meta, scale)
+                return forward(query, key, value, kv_cache, meta, scale, **kw)
 
             be.forward = spy
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]

@@ -2,6 +2,9 @@
 
 Models call `backend.forward(q, k, v, kv_cache, meta, scale)`; the backend writes the new
 keys and values into the paged KV cache and attends over it through the block table.
+A backend with `stores_kv_in_rope = True` (the Triton one) lets the model write them itself,
+in its fused q/k-norm + rotary kernel; the model then passes `kv_stored=True` and the backend
+skips its own store.
 Two backends implement it: the PyTorch reference (`torch_backend`, any device) and our
 Triton kernels (`triton_backend`, CUDA, or the CPU under TRITON_INTERPRET=1).
 The backend is chosen once, when the engine starts.
@@ -48,8 +51,12 @@ class AttentionBackend:
 
     name = "base"
     kernels = None  # labengine.kernels on the Triton path: the models' fused layer kernels, the sampler's kernel
+    # True: a model may store the step's keys/values itself (kernels.qk_norm_rope with the cache)
+    # and call forward(..., kv_stored=True). Models never pass kv_stored=True to other backends.
+    stores_kv_in_rope = False
 
-    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float, kv_stored: bool = False):
+        """kv_stored: key/value are already in kv_cache at meta.slot_mapping (skip the store)."""
         raise NotImplementedError
 
     def decode_launch_order(self, seq_lens: list[int]):

@@ -70,9 +70,10 @@ def paged_attention_ref(query, k_cache, v_cache, meta: AttentionMetadata, scale:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float, kv_stored: bool = False):
         k_cache, v_cache = kv_cache
-        store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        if not kv_stored:
+            store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)
 
     def copy_blocks(self, kv_caches, src_to_dst):

@@ -1,8 +1,10 @@
 """The Triton attention backend: labengine's GPU path.
 
-forward(query, key, value, kv_cache, meta, scale):
+forward(query, key, value, kv_cache, meta, scale, kv_stored=False):
   1. `store_kv` writes the step's keys/values into the paged cache at meta.slot_mapping
-     (slot -1 skipped);
+     (slot -1 skipped), unless kv_stored: the Llama-family models store them in their fused
+     q/k-norm + rotary kernel (`kernels.qk_norm_rope` given the cache; this backend says it
+     accepts that with `stores_kv_in_rope = True`), one launch fewer per layer and step;
   2. decode steps (`not meta.is_prefill`, one query token per sequence) run the
      flash-decoding kernel, which reads every key through meta.block_tables and takes the
      sequences longest first (meta.decode_order, from `decode_launch_order`) and splits the
@@ -67,6 +69,7 @@ def kernels_interpreted() -> bool:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     kernels = kernels
+    stores_kv_in_rope = True
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type != "cuda" and not kernels_interpreted():
@@ -75,11 +78,13 @@ class TritonAttentionBackend(AttentionBackend):
                 "TRITON_INTERPRET=1 set before labengine.kernels is imported (or use the 'torch' backend)"
             )
 
-    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float):
-        """query [T, Hq, D], key/value [T, Hkv, D], kv_cache (k_cache, v_cache) -> out [T, Hq, D]."""
+    def forward(self, query, key, value, kv_cache, meta: AttentionMetadata, scale: float, kv_stored: bool = False):
+        """query [T, Hq, D], key/value [T, Hkv, D], kv_cache (k_cache, v_cache) -> out [T, Hq, D].
+        kv_stored: key/value are already in the cache (written by kernels.qk_norm_rope)."""
         k_cache, v_cache = kv_cache
         self._check_device(query)
-        kernels.store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        if not kv_stored:
+            kernels.store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         if not meta.is_prefill:
             # one token per sequence: T == num_seqs
             return kernels.decode_attention(

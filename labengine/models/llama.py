@@ -10,7 +10,8 @@ q/k/v are one matmul (`qkv_proj`) and gate/up another (`gate_up_proj`); the chec
 separate tensors are copied into their blocks at load time. With tensor parallelism these
 are column-parallel (split by heads / channels) and o_proj, down_proj row-parallel (one
 all-reduce each); the embedding and LM head are split by vocabulary. Attention itself is the
-backend's (`attn_backend.forward`), which also writes the paged KV cache.
+backend's (`attn_backend.forward`), which also writes the paged KV cache, except on the
+Triton path, where the fused q/k-norm + rotary kernel writes it (`kv_stored=True`).
 """
 from __future__ import annotations
 
@@ -62,10 +63,16 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, kv_cache, meta):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        kv_stored = False
         if self.kernels is not None:
+            # the same kernel writes k and v into the paged cache when the backend allows it and
+            # the cache fits the kernel (else the backend stores them, as before): one launch fewer
+            kv_stored = getattr(self.attn, "stores_kv_in_rope", False) and self.kernels.kv_store_fits(
+                qkv, kv_cache, self.num_heads, self.num_kv_heads, self.head_dim)
             q, k = self.kernels.qk_norm_rope(
                 qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
-                *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()))
+                *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()),
+                **(dict(kv_cache=kv_cache, slot_mapping=meta.slot_mapping) if kv_stored else {}))
             # v stays a strided view of qkv: the Triton backend reads it in place
             v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         else:
@@ -77,7 +84,7 @@ class LlamaAttention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-        o = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        o = self.attn.forward(q, k, v, kv_cache, meta, self.scale, kv_stored=kv_stored)
         return self.o_proj(o.reshape(T, self.q_size))
 
 

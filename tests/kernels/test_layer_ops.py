@@ -1,4 +1,5 @@
-"""Fused layer kernels (rms_norm, qk_norm_rope, silu_and_mul) vs their PyTorch references.
+"""Fused layer kernels (rms_norm, qk_norm_rope, silu_and_mul) vs their PyTorch references;
+qk_norm_rope's paged KV-cache store vs store_kv_ref.
 
 The references are transformers' op order in the model dtype, so the kernels must agree
 with them to the last bit or two (fp32 reduction order, exp/rsqrt last bits): in bf16/fp16
@@ -11,7 +12,9 @@ import pytest
 import torch
 from kernel_test_utils import DEVICE, DTYPES, DT_IDS, HAS_CUDA, requires_cuda
 
+from labengine.kernels.cache_ops import store_kv_ref
 from labengine.kernels.layer_ops import (
+    kv_store_fits,
     qk_norm_rope,
     qk_norm_rope_ref,
     rms_norm,
@@ -90,6 +93,65 @@ def test_qk_norm_rope(Hq, Hkv, D, rot, dtype, norm):
     assert_matches(k, k_ref, dtype, "k")
 
 
+def rope_inputs(T, rot, dtype, gen):
+    pos = torch.randint(0, 4096, (T,), generator=gen).float()
+    ang = pos[:, None] * (1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)))[None, :]
+    return ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "fp32-bf16cache", "bf16-fp32cache"])
+@pytest.mark.parametrize("Hq,Hkv,D,rot", [(4, 2, 64, 64), (8, 2, 80, 80), (4, 4, 64, 32), (6, 3, 96, 64)],
+                         ids=["gqa2", "d80", "partial", "odd-heads-partial"])
+@pytest.mark.parametrize("norm", [True, False], ids=["qknorm", "plain"])
+def test_qk_norm_rope_stores_kv(Hq, Hkv, D, rot, dtype, cache_dtype, norm):
+    """Given the caches and a slot mapping, the kernel writes exactly what store_kv_ref writes
+    with its own k and the v heads (slot -1 skipped, every other slot untouched), and q/k
+    are those of the launch without the store."""
+    gen = torch.Generator().manual_seed(Hq * 7 + D + rot + norm)
+    T, block_size, num_blocks = 13, 4, 6
+    # qkv rows 16 elements apart from the next (a strided view, as a padded projection would leave)
+    qkv = rand(T, (Hq + 2 * Hkv) * D + 16, dtype=dtype, gen=gen, scale=2.0)[:, : (Hq + 2 * Hkv) * D]
+    cos, sin = rope_inputs(T, rot, dtype, gen)
+    qw = rand(D, dtype=dtype, gen=gen) + 1.0 if norm else None
+    kw = rand(D, dtype=dtype, gen=gen) + 1.0 if norm else None
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    slots[[0, 5, 6]] = -1
+    slots = slots.to(DEVICE)
+    # random "old" contents, so a write to a wrong or skipped slot shows
+    k_cache = rand(num_blocks, block_size, Hkv, D, dtype=cache_dtype, gen=gen)
+    v_cache = rand(num_blocks, block_size, Hkv, D, dtype=cache_dtype, gen=gen)
+    k_exp, v_exp, k_ref, v_ref = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    assert kv_store_fits(qkv, (k_cache, v_cache), Hq, Hkv, D)
+
+    q, k = qk_norm_rope(qkv, cos, sin, Hq, Hkv, D, qw, kw, eps=1e-6, kv_cache=(k_cache, v_cache), slot_mapping=slots)
+    q0, k0 = qk_norm_rope(qkv, cos, sin, Hq, Hkv, D, qw, kw, eps=1e-6)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    v = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+    store_kv_ref(k, v, k_exp, v_exp, slots)  # the separate store of the unfused path
+    assert torch.equal(k_cache, k_exp) and torch.equal(v_cache, v_exp)
+    # and the reference end to end: transformers' norm + rotary, then store_kv_ref
+    qk_norm_rope_ref(qkv, cos, sin, Hq, Hkv, D, qw, kw, eps=1e-6, kv_cache=(k_ref, v_ref), slot_mapping=slots)
+    assert torch.equal(v_cache, v_ref)
+    assert_matches(k_cache.view(-1, D).to(dtype), k_ref.view(-1, D).to(dtype), dtype, "k cache")
+
+
+def test_kv_store_fits_says_when_to_fall_back():
+    gen = torch.Generator().manual_seed(0)
+    Hq, Hkv, D = 4, 2, 64
+    qkv = rand(3, (Hq + 2 * Hkv) * D, dtype=torch.float32, gen=gen)
+    cache = torch.zeros(2, 4, 4, Hkv, D, device=DEVICE)
+    assert kv_store_fits(qkv, (cache[0], cache[1]), Hq, Hkv, D)
+    assert kv_store_fits(qkv, (cache[0], cache[0]), Hq, Hkv, D)  # K and V aliased (the memory profile's run)
+    assert not kv_store_fits(qkv, None, Hq, Hkv, D)
+    assert not kv_store_fits(qkv, (None, None), Hq, Hkv, D)
+    assert not kv_store_fits(qkv, (cache[0, :0], cache[1, :0]), Hq, Hkv, D)  # no blocks
+    assert not kv_store_fits(qkv, (cache[0], cache[1]), Hq, 1, D)  # another head count
+    assert not kv_store_fits(qkv[:, : (Hq + Hkv) * D], (cache[0], cache[1]), Hq, Hkv, D)  # no v columns
+    assert not kv_store_fits(qkv, (cache[0].to(torch.int8), cache[1].to(torch.int8)), Hq, Hkv, D)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("inter", [48, 1024, 3072])
 def test_silu_and_mul(inter, dtype):
@@ -121,5 +183,13 @@ def test_layer_ops_real_sizes(dtype):
         q_ref, k_ref = qk_norm_rope_ref(qkv, cos, sin, 16, 8, 128, qw, kw)
         assert_matches(q, q_ref, dtype, "q")
         assert_matches(k, k_ref, dtype, "k")
+        # the fused KV store: every slot of a cache of T + 16 tokens written or skipped once
+        caches = torch.zeros(2, T // 16 + 1, 16, 8, 128, dtype=dtype, device=DEVICE)
+        slots = torch.randperm(T + 16, generator=gen)[:T].to(DEVICE)
+        slots[::7] = -1
+        q2, k2 = qk_norm_rope(qkv, cos, sin, 16, 8, 128, qw, kw, kv_cache=(caches[0], caches[1]), slot_mapping=slots)
+        expected = torch.zeros_like(caches)
+        store_kv_ref(k, qkv[:, 3072:].view(T, 8, 128), expected[0], expected[1], slots)
+        assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(caches, expected)
         gu = rand(T, 6144, dtype=dtype, gen=gen, scale=3.0)
         assert_matches(silu_and_mul(gu), silu_and_mul_ref(gu), dtype, "silu_and_mul")
