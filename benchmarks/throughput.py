@@ -359,13 +359,14 @@ def main():
                          "fused_layers (PyTorch norm/rotary/SiLU ops on the Triton path), "
                          "sampling_kernel (the PyTorch sampler), decode_order (decode kernel in batch order, "
                          "not longest first), decode_balance (decode splits not balanced by the step's lengths), "
-                         "sample_splits (one sampling program per row), pdl (no programmatic dependent launch), "
+                         "sample_splits (one sampling program per row), fused_kv_store (the KV cache written by its own "
+                         "kernel, not by the q/k norm + rotary kernel), "
                          "sample_tiling (the sampling kernel's 4096-entry chunks, one program per SM), "
                          "fast_log (the sampling noise's exact outer log)")
     ap.add_argument("--ab", default="", type=ab_choice,
                     help="time the first configuration with one optimisation on and off (a comma list: each in turn), "
                          "alternating, in the same engine (--ab-rounds rounds); the names as for --ablate (the "
-                         "decode graphs are recaptured for decode_balance and pdl)")
+                         "decode graphs are recaptured for decode_balance and fused_kv_store)")
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each configuration's engine this many times; report the first run and the median")
@@ -550,13 +551,14 @@ class ablated:
     "decode_balance": the decode kernel's splits from the batch size and max_seq_len alone (one
     program per sequence and KV head in most steps), not balanced by the step's real lengths;
     "sample_splits": the sampling kernel with one program per row, however small the batch;
-    "pdl": every Triton kernel launched plainly, without programmatic dependent launch;
     "sample_tiling": the sampling kernel's fifth-session tiling (4096-entry chunks, one program per SM);
-    "fast_log": the sampling noise's outer log exact (libdevice), not lg2.approx."""
+    "fast_log": the sampling noise's outer log exact (libdevice), not lg2.approx;
+    "fused_kv_store": the Triton backend stores the KV cache with its own kernel (store_kv), not the
+    models' q/k norm + rotary kernel."""
 
-    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits", "pdl",
-            "sample_tiling", "fast_log")
-    RECAPTURE = ("decode_balance", "pdl")  # decided when the CUDA graphs are captured: A/B recaptures them
+    WHAT = ("fused_layers", "sampling_kernel", "decode_order", "decode_balance", "sample_splits",
+            "sample_tiling", "fast_log", "fused_kv_store")
+    RECAPTURE = ("decode_balance", "fused_kv_store")  # decided when the CUDA graphs are captured: A/B recaptures them
 
     def __init__(self, what):
         if what not in self.WHAT:
@@ -569,10 +571,9 @@ class ablated:
         from labengine.attention.triton_backend import TritonAttentionBackend as TAB
 
         sampling = sys.modules["labengine.kernels.sampling"]
-        pdl = sys.modules["labengine.kernels.pdl"]
         self.saved = (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-                      sampling.choose_sample_splits, pdl.ENABLED, sampling.TARGET_PROGRAMS_PER_SM,
-                      sys.modules["labengine.kernels"].sample)
+                      sampling.choose_sample_splits, sampling.TARGET_PROGRAMS_PER_SM,
+                      sys.modules["labengine.kernels"].sample, TAB.stores_kv_in_rope)
         if self.what == "fused_layers":
             llama.use_fused_kernels = lambda model, backend: None
         elif self.what == "sampling_kernel":
@@ -582,8 +583,6 @@ class ablated:
             TAB.decode_split_len = lambda self, *args: None
         elif self.what == "sample_splits":
             sampling.choose_sample_splits = lambda *args: 1
-        elif self.what == "pdl":
-            pdl.ENABLED = False
         elif self.what in ("sample_tiling", "fast_log"):
             import functools
 
@@ -591,6 +590,8 @@ class ablated:
             if self.what == "sample_tiling":
                 sampling.TARGET_PROGRAMS_PER_SM = 1
             sys.modules["labengine.kernels"].sample = functools.partial(sampling.sample, **kw)
+        elif self.what == "fused_kv_store":
+            TAB.stores_kv_in_rope = False
         else:
             TAB.decode_launch_order = lambda self, seq_lens: None
 
@@ -601,8 +602,8 @@ class ablated:
 
         sampling = sys.modules["labengine.kernels.sampling"]
         (llama.use_fused_kernels, le.Sampler, TAB.decode_launch_order, TAB.decode_split_len,
-         sampling.choose_sample_splits, sys.modules["labengine.kernels.pdl"].ENABLED,
-         sampling.TARGET_PROGRAMS_PER_SM, sys.modules["labengine.kernels"].sample) = self.saved
+         sampling.choose_sample_splits,
+         sampling.TARGET_PROGRAMS_PER_SM, sys.modules["labengine.kernels"].sample, TAB.stores_kv_in_rope) = self.saved
 
 
 def recapture_graphs(llm):

@@ -12,7 +12,6 @@ On a machine without a GPU they run on CPU tensors under TRITON_INTERPRET=1.
 | cache_ops.py          | store_kv, copy_blocks, swap_blocks          | store_kv_ref, copy_blocks_ref, ... |
 | layer_ops.py          | rms_norm, qk_norm_rope, silu_and_mul        | rms_norm_ref, qk_norm_rope_ref, ...|
 | sampling.py           | sample (greedy + Gumbel-max, one pass)      | sampling_probs_ref                 |
-| pdl.py                | pdl_args, pdl_prologue (programmatic dependent launch, used by the others) | -  |
 
 This file must import cleanly without triton, and under any name. Whenever the repo root is
 on sys.path (`python -m ...` from the clone puts it there by itself), this folder is found

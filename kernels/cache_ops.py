@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_args, pdl_prologue
-
 
 # ---------------------------------------------------------------------------------- store
 
@@ -47,9 +45,7 @@ def _store_kv_kernel(
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_HKV: tl.constexpr,  # KV heads per program
     BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM)
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,7 +102,7 @@ def store_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
         BLOCK_T=block_t, BLOCK_HKV=BLOCK_HKV, BLOCK_D=BLOCK_D,
-        num_warps=4 if block_t * elems <= 2048 else 8, **pdl_args(key.device),
+        num_warps=4 if block_t * elems <= 2048 else 8,
     )
 
 

@@ -40,8 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_args, pdl_prologue
-
 LOG2E = 1.4426950408889634
 
 
@@ -157,9 +155,7 @@ def _decode_stage1_kernel(
     HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, S) instead of (B, Hkv, S)
     HAS_ORDER: tl.constexpr,  # programs take their sequence from Order (else row b = sequence b)
     VAR_SPLITS: tl.constexpr,  # splits of Split_len keys: a sequence uses as many as it needs
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     if HEAD_FASTEST:
         # the KV heads of one sequence run side by side and read neighbouring bytes of
         # the same cache rows ([block, token, Hkv, D]) at about the same time
@@ -266,9 +262,7 @@ def _decode_stage2_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # next_pow2(NUM_SPLITS)
     VAR_SPLITS: tl.constexpr,  # only the splits a sequence used; one split wrote Out itself
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -542,7 +536,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee(query.dtype, query.device),
         HEAD_FASTEST=head_fastest, HAS_ORDER=order is not None, VAR_SPLITS=var_splits,
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(query.device),
+        num_warps=num_warps, num_stages=num_stages,
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
     )
     if num_splits > 1:
@@ -553,7 +547,6 @@ def decode_attention(
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits), VAR_SPLITS=var_splits,
             num_warps=merge_warps or (1 if BLOCK_D <= 128 else 2),  # H200: 1 warp 1-3% faster than 4
-            **pdl_args(query.device),
         )
     return out
 

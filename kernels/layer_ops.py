@@ -34,8 +34,6 @@ import triton
 import triton.language as tl
 
 from .cache_ops import store_kv_ref
-from .pdl import pdl_args, pdl_prologue
-
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -79,9 +77,7 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,  # next_pow2(N): the whole row in one tile
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -123,7 +119,7 @@ def rms_norm(
             x.stride(0), r.stride(0), out.stride(0), res_out.stride(0),
             N, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N,
-            num_warps=min(16, max(1, BLOCK_N // 256)), **pdl_args(x.device),
+            num_warps=min(16, max(1, BLOCK_N // 256)),
         )
     return out if residual is None else (out, res_out)
 
@@ -170,9 +166,7 @@ def _qk_norm_rope_kernel(
     BLOCK_D: tl.constexpr,  # next_pow2(HEAD_DIM): the v tile (STORE_KV)
     HAS_NORM: tl.constexpr,
     STORE_KV: tl.constexpr,  # also write k and v of the token into the paged caches at Slot_mapping[t]
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     dtype = Q_out.dtype.element_ty
     if STORE_KV:
@@ -345,7 +339,7 @@ def qk_norm_rope(
         BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 0,
         BLOCK_KV=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         HAS_NORM=has_norm, STORE_KV=store,
-        num_warps=4, **pdl_args(qkv.device),
+        num_warps=4,
     )
     return q, k
 
@@ -385,9 +379,7 @@ def _silu_and_mul_kernel(
     stride_x,
     I,
     BLOCK: tl.constexpr,  # channels per program
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -406,8 +398,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x [T, 2 * I] -> [T, I]
     out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     if T > 0:
         BLOCK = min(1024, triton.next_power_of_2(inter))
-        _silu_and_mul_kernel[(T, triton.cdiv(inter, BLOCK))](x, out, x.stride(0), inter, BLOCK=BLOCK, num_warps=4,
-                                                            **pdl_args(x.device))
+        _silu_and_mul_kernel[(T, triton.cdiv(inter, BLOCK))](x, out, x.stride(0), inter, BLOCK=BLOCK, num_warps=4)
     return out
 
 

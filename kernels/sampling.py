@@ -33,8 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_args, pdl_prologue
-
 try:  # the GPU's fast log2 (lg2.approx) for the Gumbel noise's outer log
     from triton.language.extra.cuda import libdevice
 except ImportError:  # pragma: no cover
@@ -64,9 +62,7 @@ def _sample_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary entries per chunk, as a [BLOCK_V // 4, 4] tile
     SPLIT: tl.constexpr,  # more than one program per sample: write partials for the merge
     FAST_LOG: tl.constexpr,  # the noise's outer log by the GPU's lg2.approx (scores in base 2)
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
-    pdl_prologue(PDL)
     Q: tl.constexpr = BLOCK_V // 4
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
@@ -153,11 +149,9 @@ def _sample_merge_kernel(
     V,
     splits,
     SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled merge for every split count
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py)
 ):
     """One sample's splits into its token (the best score; ties: the lowest index, as in one
     program) and its logprob (x - log-sum-exp, the sums moved to the row's max)."""
-    pdl_prologue(PDL)
     NEG_INF: tl.constexpr = float("-inf")
     s = tl.program_id(0)
     k = tl.arange(0, SPLITS_PAD)
@@ -251,11 +245,10 @@ def sample(
         logits.stride(0), V, split_len, splits, int(base_seed) % (2**30),
         HAS_SEEDS=seeds is not None, BLOCK_V=block, SPLIT=splits > 1,
         FAST_LOG=(device.type == "cuda" and libdevice is not None) if fast_log is None else fast_log,
-        num_warps=num_warps or (16 if block >= 2048 else 4), **pdl_args(device),
+        num_warps=num_warps or (16 if block >= 2048 else 4),
     )
     if splits > 1:
-        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1,
-                                   **pdl_args(device))
+        _sample_merge_kernel[(S,)](part, part_idx, tokens, logprobs, V, splits, SPLITS_PAD=MAX_SPLITS, num_warps=1)
     return tokens, logprobs
 
 
