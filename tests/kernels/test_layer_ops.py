@@ -127,7 +127,14 @@ def test_qk_norm_rope_stores_kv(Hq, Hkv, D, rot, dtype, cache_dtype, norm):
 
     q, k = qk_norm_rope(qkv, cos, sin, Hq, Hkv, D, qw, kw, eps=1e-6, kv_cache=(k_cache, v_cache), slot_mapping=slots)
     q0, k0 = qk_norm_rope(qkv, cos, sin, Hq, Hkv, D, qw, kw, eps=1e-6)
-    assert torch.equal(q, q0) and torch.equal(k, k0)
+    if dtype == torch.float32:
+        # two compiled kernels: on a GPU ptxas may contract another multiply-add into an FMA in
+        # one of them (the H200 run of 2026-12-04 saw a last-bit difference at D = 80); in bf16
+        # the roundings to the model dtype hide it
+        torch.testing.assert_close(q, q0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k, k0, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(q, q0) and torch.equal(k, k0)
     v = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
     store_kv_ref(k, v, k_exp, v_exp, slots)  # the separate store of the unfused path
     assert torch.equal(k_cache, k_exp) and torch.equal(v_cache, v_exp)
