@@ -6,6 +6,8 @@ exact draw from softmax(x / T). It is the same law as vLLM's argmax(probs / q), 
 keeping a running maximum and sum of exp for the log-sum-exp (the sampled token's logprob)
 and the running best noisy score. The uniform numbers come from Philox inside the kernel
 (`tl.rand4x`: four numbers per call), so no [rows, vocab] random tensor is written and read back.
+On the GPU the noise's outer log runs on lg2.approx (`fast_log`): the same argmax in base 2,
+a fifth fewer instructions per entry; the inner log, which shapes the noise's large tail, stays exact.
 Greedy rows (temperature 0) take the first maximal logit, as torch.argmax does.
 
 In PyTorch the same step is ~8 passes over [rows, vocab] float32 (scale, max, exp, sum, a
