@@ -11,7 +11,8 @@ that time. This times y = x @ W^T (nn.Linear's layout, bf16) for the step's shap
 weights rotated over copies 3x the L2 (as in the step, where 28 layers' weights stream from HBM):
 cuBLAS (F.linear) against a plain Triton GEMM over a few tilings, with and without split-K
 (fp32 partial sums added atomically, then cast: both kernels timed). Every variant is checked
-against F.linear first. Measurement only: the engine does not use this kernel.
+against F.linear first. Measurement only: the engine does not use this kernel. Also (sixth session,
+written without a GPU): F.linear with cuBLASLt preferred, and under PyTorch's TunableOp.
 """
 from __future__ import annotations
 
@@ -81,6 +82,32 @@ def gemm(x, w, bm, bn, bk, split, warps, stages, acc=None):
     return acc.to(x.dtype)
 
 
+def with_blas_library(lib, x, w):
+    """F.linear with torch's BLAS backend preference set to lib ("cublas" or "cublaslt") for this
+    call (sixth session, not yet run on a GPU: does cuBLASLt's heuristic pick better tiles at M <= 256?)."""
+    prev = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(lib)
+    try:
+        return F.linear(x, w)
+    finally:
+        torch.backends.cuda.preferred_blas_library(prev)
+
+
+def tuned_linear(x, w):
+    """F.linear under PyTorch's TunableOp (torch.cuda.tunable): the first call for a shape times
+    the BLAS solutions it can enumerate and keeps the fastest (sixth session, not yet run on a GPU;
+    results kept in memory only, no file written)."""
+    tunable = torch.cuda.tunable
+    was = tunable.is_enabled()
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    tunable.write_file_on_exit(False)
+    try:
+        return F.linear(x, w)
+    finally:
+        tunable.enable(was)
+
+
 def main():
     import bench_kernels as BK
 
@@ -98,6 +125,9 @@ def main():
             acc = torch.empty(M, N, device=dev, dtype=torch.float32)
             flops, wbytes = 2 * M * N * K, N * K * 2
             variants = [("cuBLAS (F.linear)", lambda w: F.linear(x, w))]
+            if not smoke:
+                variants += [("cuBLASLt preferred (F.linear)", lambda w: with_blas_library("cublaslt", x, w)),
+                             ("TunableOp-tuned (F.linear)", lambda w: tuned_linear(x, w))]
             for t in tilings:
                 bm, bn, bk, split, warps, stages = t
                 if K % (bk * split):
