@@ -195,7 +195,7 @@ def main():
             base = base or t
             rows_out.append((B, label, t, base / t))
             print(f"B={B} {label}: {t:.3f} ms per step ({base / t:.3f}x)", flush=True)
-        del layers
+        layers = variants = None  # free this batch's caches before the next one's
         torch.cuda.empty_cache()
     print(f"\n| batch | decode step ({args.layers} layers) | ms | speed-up vs one stream |")
     print("|---|---|---|---|")

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .cache_ops import store_kv_ref
 
+
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
     """Round fp32 x to the nearest DTYPE value (ties to even), kept in fp32: what a PyTorch
