@@ -255,20 +255,26 @@ def _prefill_kernel(
     Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
+    PACK: tl.constexpr,  # query heads per program (of one KV head): tile row r is head PACK * g + r // ROWS
 ):
-    h = tl.program_id(0)
+    # With PACK > 1 a tile stacks PACK heads' rows of the same ROWS positions: one K/V tile feeds
+    # a PACK x larger dot, while the causal diagonal stays as narrow as ROWS positions.
+    ROWS: tl.constexpr = BLOCK_M // PACK  # query positions per program
+    h = tl.program_id(0) * PACK  # the program's first query head
     b = tl.program_id(1)
     mblk = tl.num_programs(2) - 1 - tl.program_id(2)  # heaviest (last) query blocks first
 
     q_start = tl.load(Query_start_loc + b)
     q_len = tl.load(Query_start_loc + b + 1) - q_start
-    if mblk * BLOCK_M >= q_len:
+    if mblk * ROWS >= q_len:
         return
     seq_len = tl.load(Seq_lens + b)
     ctx = seq_len - q_len
     kvh = h // GROUP
 
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = mblk * ROWS + offs_r % ROWS  # each row's index among the new tokens
+    head_r = h + offs_r // ROWS  # each row's query head
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
@@ -276,10 +282,10 @@ def _prefill_kernel(
     if Q_TMA:
         # rows past the sequence's end belong to the next sequence (or are zeros past T): their
         # scores are computed and never stored
-        q = desc_q.load([q_start + mblk * BLOCK_M, h * HEAD_DIM])
+        q = desc_q.load([q_start + mblk * BLOCK_M, h * HEAD_DIM])  # (PACK == 1)
     else:
         q = tl.load(
-            Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            Q + rows[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_d[None, :],
             mask=mask_m[:, None] & mask_d[None, :],
             other=0.0,
         )
@@ -289,9 +295,9 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    first_pos = ctx + mblk * BLOCK_M  # position of the block's first row
+    first_pos = ctx + mblk * ROWS  # position of the block's first row
     diag_start = first_pos // BLOCK_N * BLOCK_N  # every key before this is visible to every row
-    end = tl.minimum(seq_len, first_pos + BLOCK_M)  # the last row's causal limit
+    end = tl.minimum(seq_len, first_pos + ROWS)  # the last row's causal limit
     bt_row = Block_tables + b.to(tl.int64) * stride_bt
     k_head = K_cache + kvh * stride_kh
     v_head = V_cache + kvh * stride_vh
@@ -312,13 +318,13 @@ def _prefill_kernel(
         # table): whole tiles before the block's first row, then the diagonal, masked
         k_new = K_new + kvh * stride_knh
         v_new = V_new + kvh * stride_vnh
-        first_row = mblk * BLOCK_M
+        first_row = mblk * ROWS
         diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
         for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
-        for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
+        for j0 in range(diag_j, tl.minimum(q_len, first_row + ROWS), BLOCK_N):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True)
@@ -335,11 +341,11 @@ def _prefill_kernel(
                 stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
-    if O_TMA and (mblk + 1) * BLOCK_M <= q_len:
+    if O_TMA and (mblk + 1) * BLOCK_M <= q_len:  # (PACK == 1)
         desc_o.store([q_start + mblk * BLOCK_M, h * HEAD_DIM], acc.to(Out.dtype.element_ty))
     else:
         tl.store(
-            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            Out + rows[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_d[None, :],
             acc.to(Out.dtype.element_ty),
             mask=mask_m[:, None] & mask_d[None, :],
         )
@@ -428,6 +434,7 @@ def prefill_attention(
     q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
+    pack_heads: int = 1,  # query heads of one KV head per program (their rows stacked in one tile)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -441,7 +448,11 @@ def prefill_attention(
     `key`/`value` by TMA, whole [BLOCK_N, D] tiles, and so do the query tile and every whole
     output tile (a sequence's partial last block is stored by pointers).
     The query blocks and heads are all independent programs: grid (Hq, B, cdiv(max_query_len,
-    BLOCK_M)), heaviest blocks first.
+    BLOCK_M)), heaviest blocks first. With pack_heads = P > 1 (an experiment, not a default: see
+    benchmarks/exp_prefill.py), a program stacks the rows of P query heads of one KV head for
+    BLOCK_M / P positions: grid (Hq / P, B, cdiv(max_query_len, BLOCK_M / P)); every K/V tile
+    then feeds a dot of BLOCK_M rows while the causal diagonal spans only BLOCK_M / P positions.
+    The query and output go by pointers then (their TMA tiles are one head's rows).
     """
     T, Hq, D = query.shape
     _, page_size, Hkv, Dk = k_cache.shape
@@ -471,11 +482,16 @@ def prefill_attention(
                 raise ValueError("new_kv='tma' needs a power-of-two head size, [T, Hkv * D] rows with "
                                  "16-byte aligned strides, and a Hopper GPU (or the interpreter)")
             mode = "pointers"  # the default falls back where TMA cannot describe the tensors
+    group = Hq // Hkv
+    if pack_heads < 1 or group % pack_heads or BLOCK_M % pack_heads:
+        raise ValueError(f"pack_heads={pack_heads} must divide the query heads per KV head ({group}) "
+                         f"and BLOCK_M ({BLOCK_M})")
+    rows_per_block = BLOCK_M // pack_heads
     desc_k = desc_v = None
     if mode == "tma":
         desc_k, desc_v = (TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [BLOCK_N, D]) for t in (key, value))
-    use_q_tma = cfg["q_tma"] if q_tma is None else q_tma
-    use_o_tma = cfg["o_tma"] if o_tma is None else o_tma
+    use_q_tma = (cfg["q_tma"] if q_tma is None else q_tma) and pack_heads == 1
+    use_o_tma = (cfg["o_tma"] if o_tma is None else o_tma) and pack_heads == 1
     desc_q = desc_o = None
     if use_q_tma or use_o_tma:
         if not _tma_ok(D, BLOCK_D, query, out):
@@ -487,7 +503,7 @@ def prefill_attention(
             desc_q, desc_o = (TensorDescriptor(t, [T, Hq * D], [t.stride(0), 1], [BLOCK_M, D]) for t in (query, out))
     k_new = key if key is not None else k_cache  # unused by the paged mode (any tensor will do)
     v_new = value if value is not None else v_cache
-    grid = (Hq, B, triton.cdiv(max_query_len, BLOCK_M))
+    grid = (Hq // pack_heads, B, triton.cdiv(max_query_len, rows_per_block))
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, k_new, v_new, desc_k, desc_v, desc_q, desc_o,
         block_tables, query_start_loc, seq_lens,
@@ -498,13 +514,14 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         k_new.stride(0), k_new.stride(-2), v_new.stride(0), v_new.stride(-2),
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size,
         TABLE_AHEAD=cfg["table_ahead"] if table_ahead is None else table_ahead,
         DOT_IEEE=dot_ieee(query.dtype, query.device),
         NEW_KV=NEW_KV_MODES[mode],
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
+        PACK=pack_heads,
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
