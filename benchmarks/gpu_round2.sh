@@ -69,6 +69,7 @@ if [ "$DRY" = 0 ]; then
   DORDER_ARGS="" BAL_ARGS="" GEMM_ARGS=${GM_ARGS:-"--batches 256,128"}
   NBW=${NBW:-6}; TW=${TW:-4}; DEADLINE=${DEADLINE:-565}
   TP_ARGS=""; PREFILL_ARGS=${P_ARGS:-"--quick"}
+  EXP=""
   SERVE_ARGS=${SV_ARGS:-"--num-prompts 128 --max-tokens 64 --request-rates 16,64,256,inf --skip-offline"}
   PREFIX_ARGS="--random-qwen3 --num-requests 256 --system-len 2048 --suffix-len 128 --output-len 16 --long-len 16384 --num-decodes 64 --decode-len 256 --budget 512 --max-model-len 18432"
   NOTEBOOKS=${NOTEBOOKS:-solutions labs}
@@ -80,6 +81,7 @@ else
   DORDER_ARGS="--smoke" BAL_ARGS="--smoke" GEMM_ARGS="--smoke"
   NBW=2; TW=1; DEADLINE=${DEADLINE:-3000}
   TP_ARGS="--smoke"; PREFILL_ARGS="--smoke --quick"
+  EXP="env TRITON_INTERPRET=1"  # the exp_*.py smoke runs launch kernels on the CPU
   SERVE_ARGS="--num-prompts 6 --max-tokens 4 --request-rates 2,inf --skip-offline --device cpu"
   PREFIX_ARGS="--num-requests 8 --system-len 64 --suffix-len 8 --output-len 4 --long-len 256 --num-decodes 4 --decode-len 16 --budget 64 --max-model-len 512"
   NOTEBOOKS=${NOTEBOOKS:-solutions/ex1_5_1_basic_inference.ipynb}
@@ -100,33 +102,33 @@ note "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)"
 
 # h) the decode kernel on a real batch's lengths: batch order vs longest first (issue 20 item 2)
 if [ "$S_DORDER" -gt 0 ]; then
-run_step "h decode kernel order" "$S_DORDER" throughput.log $PY benchmarks/exp_decode_order.py $DORDER_ARGS
+run_step "h decode kernel order" "$S_DORDER" throughput.log $EXP $PY benchmarks/exp_decode_order.py $DORDER_ARGS
 note "  $(grep -E '^\| 256 \| workload \| (batch order|longest first) \|' "$OUT/throughput.log" | tr '\n' ';')"
 fi
 
 # i) the decode kernel's balanced splits on real lengths, and j) the projection GEMMs at decode
 #    batch sizes, cuBLAS vs Triton (issue 20 item 2; both off by default)
 if [ "$S_BAL" -gt 0 ]; then
-run_step "i decode kernel balanced splits" "$S_BAL" throughput.log $PY benchmarks/exp_decode_balance.py $BAL_ARGS
+run_step "i decode kernel balanced splits" "$S_BAL" throughput.log $EXP $PY benchmarks/exp_decode_balance.py $BAL_ARGS
 note "  $(grep -E '^\| (48|64|96) \| late \| (before|balanced)' "$OUT/throughput.log" | tr '\n' ';')"
 fi
 if [ "$S_GEMM" -gt 0 ]; then
-run_step "j decode GEMMs cuBLAS vs Triton" "$S_GEMM" throughput.log $PY benchmarks/exp_decode_gemm.py $GEMM_ARGS
+run_step "j decode GEMMs cuBLAS vs Triton" "$S_GEMM" throughput.log $EXP $PY benchmarks/exp_decode_gemm.py $GEMM_ARGS
 fi
 # k) the sampling kernel, one program per row vs split rows; l) a prefill step's kernels (profile)
 if [ "$S_SAMP" -gt 0 ]; then
-run_step "k sampling kernel splits" "$S_SAMP" throughput.log $PY benchmarks/exp_sample_splits.py $SAMP_ARGS
+run_step "k sampling kernel splits" "$S_SAMP" throughput.log $EXP $PY benchmarks/exp_sample_splits.py $SAMP_ARGS
 fi
 if [ "$S_PPROF" -gt 0 ]; then
 run_step "l profile prefill + decode steps" "$S_PPROF" throughput.log $PY benchmarks/profile_decode.py $PPROF_ARGS
 fi
 # m) programmatic dependent launch: what it saves per kernel boundary in a graph
 if [ "$S_PDL" -gt 0 ]; then
-run_step "m PDL per kernel boundary" "$S_PDL" throughput.log $PY benchmarks/exp_pdl.py $PDL_ARGS
+run_step "m PDL per kernel boundary" "$S_PDL" throughput.log $EXP $PY benchmarks/exp_pdl.py $PDL_ARGS
 fi
 # n) two half batches on two streams: attention of one beside the GEMMs of the other
 if [ "$S_OVL" -gt 0 ]; then
-run_step "n two-stream decode step" "$S_OVL" throughput.log $PY benchmarks/exp_overlap.py $OVL_ARGS
+run_step "n two-stream decode step" "$S_OVL" throughput.log $EXP $PY benchmarks/exp_overlap.py $OVL_ARGS
 fi
 
 # a) defaults vs tuned, same run (issue 20 item 2)
