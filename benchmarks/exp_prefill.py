@@ -80,7 +80,8 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     # sixth session (2026-12-04, written without a GPU, indices 30-36): several query heads of one
     # KV head per program (pack_heads; the query and output by pointers). Compiled offline for
     # sm_90 with triton 3.6: M128 N64 w8 pack 2/4: 187/180 registers, 132 KB shared memory, no
-    # spills (one program per SM); M128 N64 w4 pack 2 spills (255 registers)
+    # spills (one program per SM); M128 N64 w4 pack 2 spills (255 registers); M128 N32 w8 s4 pack 2:
+    # 127 registers, 98 KB, so two programs (16 warps) share an SM; M64 N64 w4 pack 2/4: as the default
     tiling("tma", 128, 64, 8, 3, pack_heads=2), tiling("tma", 128, 64, 8, 3, pack_heads=4),
     tiling("tma", 128, 128, 8, 3, pack_heads=2), tiling("tma", 128, 128, 8, 3, pack_heads=4),
     tiling("tma", 64, 64, 4, 3, pack_heads=2), tiling("tma", 64, 64, 4, 3, pack_heads=4),
