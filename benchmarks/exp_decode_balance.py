@@ -36,7 +36,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from exp_decode_order import D, HKV, HQ, MAX_MODEL_LEN, SCALE, inputs, print_table, record, workload_lens  # noqa: E402
+from exp_decode_order import (  # noqa: E402
+    D, HKV, HQ, MAX_MODEL_LEN, SCALE, checked_calls, inputs, print_table, record, workload_lens,
+)
 
 SWEEP = (256, 512, 768, 1024, 1536, 2048)
 SHARES = (1.0, 1.5, 2.0)
@@ -54,7 +56,7 @@ def main():
     import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
     DA = sys.modules["labengine.kernels.decode_attention"]  # the module (the package exports the launcher by that name)
     from labengine.kernels.decode_attention import (
-        BALANCED_SPLITS, _decode_slots, _device_index, balanced_num_splits, choose_split_len, decode_attention,
+        BALANCED_SPLITS, _decode_slots, _device_index, balanced_num_splits, choose_split_len,
         decode_attention_ref, longest_first,
     )
 
@@ -89,15 +91,8 @@ def main():
             ref = decode_attention_ref(q, kc, vc, table, sl, SCALE, compute_dtype=torch.float32)
             for label, L, splits in variants:
                 lt = None if L is None else torch.tensor([L], dtype=torch.int32, device=dev)
-                outs = [torch.empty(B, HQ, D, dtype=torch.bfloat16, device=dev) for _ in sets]
-                fns = [lambda st=st, o=o: decode_attention(*st, SCALE, max_seq_len=MAX_MODEL_LEN, out=o, order=order,
-                                                           num_splits=splits, split_len=lt)
-                       for st, o in zip(sets, outs)]
-                fns[0]()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                err = ((outs[0].float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"B={B} {case} {label}: rel err {err:.2e}"
+                fns, _ = checked_calls(sets, ref, f"B={B} {case} {label}", order=order, num_splits=splits,
+                                       split_len=lt)
                 if smoke:
                     if label != "warm-up":
                         rows.append((B, case, label, float("nan"), float("nan")))

@@ -63,6 +63,22 @@ def inputs(lens, dev, seed):
     return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32, device=dev)
 
 
+def checked_calls(sets, ref, what, **kw):
+    """One decode_attention call per input set (each with its own output), the first run once
+    and checked against ref; returns (calls, outputs). Also used by exp_decode_balance.py."""
+    from labengine.kernels.decode_attention import decode_attention
+
+    outs = [torch.empty(st[0].shape, dtype=torch.bfloat16, device=st[0].device) for st in sets]
+    fns = [lambda st=st, o=o: decode_attention(*st, SCALE, max_seq_len=MAX_MODEL_LEN, out=o, **kw)
+           for st, o in zip(sets, outs)]
+    fns[0]()
+    if outs[0].is_cuda:
+        torch.cuda.synchronize()
+    err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"{what}: rel err {err:.2e}"
+    return fns, outs
+
+
 def record(rows, B, case, label, t, nbytes, copy_bw, lens):
     """Append (B, case, label, us, % of copy bandwidth) for a variant timed at t seconds per call,
     and print it (also used by exp_decode_balance.py)."""
@@ -85,7 +101,7 @@ def print_table(rows, column, vs_label, base_case=None):
 
 def main():
     import bench_kernels as BK  # registers kernels/ as labengine.kernels in a source checkout
-    from labengine.kernels.decode_attention import decode_attention, decode_attention_ref, longest_first
+    from labengine.kernels.decode_attention import decode_attention_ref, longest_first
 
     dev, smoke, copy_bw, batches = BK.experiment_setup("256,128,64", [4])
     rows = []
@@ -121,15 +137,7 @@ def main():
             first = None
             for label, order, splits, kw in variants:
                 ot = None if order is None else torch.tensor(order, dtype=torch.int32, device=dev)
-                outs = [torch.empty(B, HQ, D, dtype=torch.bfloat16, device=dev) for _ in sets]
-                fns = [lambda st=st, o=o: decode_attention(*st, SCALE, max_seq_len=MAX_MODEL_LEN, out=o,
-                                                           num_splits=splits, order=ot, **kw)
-                       for st, o in zip(sets, outs)]
-                fns[0]()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                err = ((outs[0].float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"{case} {label}: rel err {err:.2e}"
+                fns, outs = checked_calls(sets, ref, f"{case} {label}", num_splits=splits, order=ot, **kw)
                 if splits is None and first is None:
                     first = outs[0].clone()
                 elif splits is None and not kw:
