@@ -86,6 +86,16 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     tiling("tma", 128, 128, 8, 3, pack_heads=2), tiling("tma", 128, 128, 8, 3, pack_heads=4),
     tiling("tma", 64, 64, 4, 3, pack_heads=2), tiling("tma", 64, 64, 4, 3, pack_heads=4),
     tiling("tma", 128, 32, 8, 4, pack_heads=2),
+    # seventh session (2026-12-04, written without a GPU, indices 37-45): the query tile held in
+    # registers (q_reg), so each q.K^T dot reads only K from shared memory. Offline sm_90 compiles
+    # (triton 3.6): M64 N64 w4 s3 249 registers, 98 KB (s2: 66 KB), two programs per SM; M64 N32
+    # w4 capped at 168 registers: no spills, 49 KB (s4: 66 KB), so three programs share an SM;
+    # M128 N64 w8 pack 2: 208 registers, 131 KB; M128 N128 w8: 255 registers, no spills
+    tiling("tma", 64, 64, 4, 3, **QO, q_reg=True), tiling("tma", 64, 64, 4, 2, **QO, q_reg=True),
+    tiling("tma", 64, 32, 4, 3, **QO, q_reg=True, maxnreg=168), tiling("tma", 64, 32, 4, 4, **QO, q_reg=True, maxnreg=168),
+    tiling("tma", 128, 128, 8, 3, **QO, q_reg=True), tiling("tma", 128, 128, 8, 2, **QO, q_reg=True),
+    tiling("tma", 128, 64, 8, 3, **QO, q_reg=True), tiling("tma", 128, 64, 8, 3, pack_heads=2, q_reg=True),
+    tiling("tma", 64, 32, 4, 3, **QO, q_reg=True),
 ]
 
 

@@ -256,6 +256,7 @@ def _prefill_kernel(
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
     PACK: tl.constexpr,  # query heads per program (of one KV head): tile row r is head PACK * g + r // ROWS
+    Q_REG: tl.constexpr,  # hold the query tile in registers (the q.K^T dots read only K from shared memory)
 ):
     # With PACK > 1 a tile stacks PACK heads' rows of the same ROWS positions: one K/V tile feeds
     # a PACK x larger dot, while the causal diagonal stays as narrow as ROWS positions.
@@ -289,6 +290,12 @@ def _prefill_kernel(
             mask=mask_m[:, None] & mask_d[None, :],
             other=0.0,
         )
+    if Q_REG:
+        # a value computed in registers (not a load) stays there as the A operand of the Hopper
+        # tensor-core dot: each q.K^T then reads only its K tile from shared memory, half the
+        # shared-memory traffic of the 64-key dots (which read A and B at about the rate the
+        # tensor cores consume them). Rows past the sequence are zeroed (they are never stored).
+        q = tl.where(mask_m[:, None], q, 0.0)
     q_pos = ctx + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -368,7 +375,7 @@ def _tma_capable(device: torch.device) -> bool:
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
                    elem_size: int = 2) -> dict:
     """The launcher's defaults: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv,
-    q_tma, o_tma, warp_specialize.
+    q_tma, o_tma, warp_specialize, q_reg.
 
     From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
@@ -385,7 +392,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
-                    q_tma=False, o_tma=False, warp_specialize=False)
+                    q_tma=False, o_tma=False, warp_specialize=False, q_reg=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048 or max_query_len >= 8192:
@@ -397,7 +404,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False, q_reg=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
@@ -435,6 +442,7 @@ def prefill_attention(
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
     pack_heads: int = 1,  # query heads of one KV head per program (their rows stacked in one tile)
+    q_reg: bool | None = None,  # the query tile in registers as the q.K^T dots' operand (None: the config's)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -522,6 +530,7 @@ def prefill_attention(
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
         PACK=pack_heads,
+        Q_REG=bool(cfg["q_reg"] if q_reg is None else q_reg),
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),
