@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ SHAPES = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down
 TILINGS = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 2, 4, 4),
            (64, 128, 64, 2, 4, 4), (128, 64, 64, 2, 4, 4), (64, 64, 64, 4, 4, 4), (128, 128, 64, 4, 8, 3)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+# seventh session (2026-12-04, written without a GPU): the one-launch split-K kernel's tilings
+FIXUP_TILINGS = [(64, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (128, 64, 64, 4, 4, 4),
+                 (128, 64, 128, 2, 4, 3), (64, 128, 64, 4, 4, 4), (128, 128, 64, 4, 8, 3), (64, 64, 128, 3, 4, 4)]
 
 
 @triton.jit
@@ -66,6 +70,73 @@ def _gemm_kernel(
         tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
 
 
+@triton.jit
+def _gemm_splitk_fixup_kernel(
+    X,  # [M, K] activations, row-major
+    W,  # [N, K] weights (nn.Linear), row-major
+    Y,  # [M, N] output, x.dtype
+    Part,  # [SPLIT_K, M, N] fp32 workspace: each split's partial sums
+    Count,  # [tiles] int32, zero between calls: splits of each output tile done so far
+    M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Split-K in one launch: each split stores its fp32 partial tile, counts itself in the
+    tile's counter (release/acquire), and the split that comes last sums the others' partials into
+    its own, writes the output and resets the counter (so CUDA-graph replays find it at zero)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k0 = pid_k * k_per
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k0, tl.minimum(k0 + k_per, K), BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * K + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+        w = tl.load(W + offs_n[None, :] * K + offs_k[:, None], mask=offs_n[None, :] < N, other=0.0)
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    tl.store(Part + pid_k * M * N + offs, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial stored before the tile is counted
+    tile = pid_m * tl.num_programs(0) + pid_n
+    done = tl.atomic_add(Count + tile, 1, sem="acq_rel", scope="gpu")
+    if done == SPLIT_K - 1:
+        for s in range(SPLIT_K):
+            if s != pid_k:
+                acc += tl.load(Part + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(Count + tile, 0, sem="relaxed", scope="gpu")
+
+
+def gemm_fixup(x, w, bm, bn, bk, split, warps, stages, part, count):
+    """y = x @ w^T by the one-launch split-K kernel (part, count: its workspace; count zeroed once)."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert K % (bk * split) == 0
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _gemm_splitk_fixup_kernel[grid](x, w, y, part, count, M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                    SPLIT_K=split, IEEE=x.device.type != "cuda", num_warps=warps,
+                                    num_stages=stages)
+    return y
+
+
+def bmm_split_linear(x, w, split):
+    """F.linear as `split` cuBLAS GEMMs over slices of K in one batched call, then their sum: more
+    thread blocks for the few output tiles of N = 1024 (o, down)."""
+    M, K = x.shape
+    N = w.shape[0]
+    xs = x.view(M, split, K // split).transpose(0, 1)  # [split, M, K/split]
+    ws = w.view(N, split, K // split).permute(1, 2, 0)  # [split, K/split, N]
+    return torch.bmm(xs, ws).sum(0, dtype=torch.float32).to(x.dtype)
+
+
 def gemm(x, w, bm, bn, bk, split, warps, stages, acc=None):
     M, K = x.shape
     N = w.shape[0]
@@ -96,12 +167,12 @@ def with_blas_library(lib, x, w):
 def tuned_linear(x, w):
     """F.linear under PyTorch's TunableOp (torch.cuda.tunable): the first call for a shape times
     the BLAS solutions it can enumerate and keeps the fastest (sixth session, not yet run on a GPU;
-    results kept in memory only, no file written)."""
+    results written to a file in the temporary folder at exit)."""
     tunable = torch.cuda.tunable
     was = tunable.is_enabled()
     tunable.enable(True)
     tunable.tuning_enable(True)
-    tunable.write_file_on_exit(False)
+    tunable.set_filename(os.path.join(tempfile.gettempdir(), f"tunableop_{os.getpid()}.csv"))
     try:
         return F.linear(x, w)
     finally:
@@ -128,6 +199,15 @@ def main():
             if not smoke:
                 variants += [("cuBLASLt preferred (F.linear)", lambda w: with_blas_library("cublaslt", x, w)),
                              ("TunableOp-tuned (F.linear)", lambda w: tuned_linear(x, w))]
+                variants += [(f"cuBLAS bmm split{sp} + sum", lambda w, sp=sp: bmm_split_linear(x, w, sp))
+                             for sp in (2, 4) if K % sp == 0]
+            fixups = [(16, 32, 32, 2, 4, 1)] if smoke else FIXUP_TILINGS
+            part = torch.empty(max(t[3] for t in fixups), M, N, device=dev, dtype=torch.float32)
+            count = torch.zeros(4096, device=dev, dtype=torch.int32)
+            for t in fixups:
+                if K % (t[2] * t[3]) == 0:
+                    variants.append((f"triton one-launch split-K M{t[0]} N{t[1]} K{t[2]} split{t[3]} w{t[4]} s{t[5]}",
+                                     lambda w, t=t: gemm_fixup(x, w, *t, part=part, count=count)))
             for t in tilings:
                 bm, bn, bk, split, warps, stages = t
                 if K % (bk * split):
@@ -144,6 +224,9 @@ def main():
                         print(f"| {M} | {name} | {label} | - | - | - | - |")
                         continue
                     t_s = BK.bench_graph([lambda w=w, fn=fn: fn(w) for w in ws])
+                    # again after the replays (the one-launch split-K must have reset its counters)
+                    err2 = ((fn(ws[0]).float() - ref).norm() / ref.norm()).item()
+                    assert err2 < 2e-2 and int(count.sum()) == 0, f"after timing: rel err {err2:.1e}, counters {int(count.sum())}"
                 except Exception as e:  # a tiling that does not compile: say so and go on
                     print(f"| {M} | {name} | {label} | failed: {type(e).__name__}: {str(e)[:60]} | | | |")
                     continue

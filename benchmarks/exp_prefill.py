@@ -77,25 +77,9 @@ VARIANTS = [("default", {}), tiling("paged", 128, 64, 8, 3, " (before)"), tiling
     tiling("tma", 128, 64, 8, 2, **QO), tiling("tma", 64, 64, 4, 3, **QO, maxnreg=128),
     # (fourth session, 2026-12-04: six rows with the whole tiles of new keys pipelined by hand,
     # `qk_ahead`, all slower than these; the switch was removed again, figures in RESULTS.md)
-    # sixth session (2026-12-04, written without a GPU, indices 30-36): several query heads of one
-    # KV head per program (pack_heads; the query and output by pointers). Compiled offline for
-    # sm_90 with triton 3.6: M128 N64 w8 pack 2/4: 187/180 registers, 132 KB shared memory, no
-    # spills (one program per SM); M128 N64 w4 pack 2 spills (255 registers); M128 N32 w8 s4 pack 2:
-    # 127 registers, 98 KB, so two programs (16 warps) share an SM; M64 N64 w4 pack 2/4: as the default
-    tiling("tma", 128, 64, 8, 3, pack_heads=2), tiling("tma", 128, 64, 8, 3, pack_heads=4),
-    tiling("tma", 128, 128, 8, 3, pack_heads=2), tiling("tma", 128, 128, 8, 3, pack_heads=4),
-    tiling("tma", 64, 64, 4, 3, pack_heads=2), tiling("tma", 64, 64, 4, 3, pack_heads=4),
-    tiling("tma", 128, 32, 8, 4, pack_heads=2),
-    # seventh session (2026-12-04, written without a GPU, indices 37-45): the query tile held in
-    # registers (q_reg), so each q.K^T dot reads only K from shared memory. Offline sm_90 compiles
-    # (triton 3.6): M64 N64 w4 s3 249 registers, 98 KB (s2: 66 KB), two programs per SM; M64 N32
-    # w4 capped at 168 registers: no spills, 49 KB (s4: 66 KB), so three programs share an SM;
-    # M128 N64 w8 pack 2: 208 registers, 131 KB; M128 N128 w8: 255 registers, no spills
-    tiling("tma", 64, 64, 4, 3, **QO, q_reg=True), tiling("tma", 64, 64, 4, 2, **QO, q_reg=True),
-    tiling("tma", 64, 32, 4, 3, **QO, q_reg=True, maxnreg=168), tiling("tma", 64, 32, 4, 4, **QO, q_reg=True, maxnreg=168),
-    tiling("tma", 128, 128, 8, 3, **QO, q_reg=True), tiling("tma", 128, 128, 8, 2, **QO, q_reg=True),
-    tiling("tma", 128, 64, 8, 3, **QO, q_reg=True), tiling("tma", 128, 64, 8, 3, pack_heads=2, q_reg=True),
-    tiling("tma", 64, 32, 4, 3, **QO, q_reg=True),
+    # (sixth and seventh sessions, 2026-12-04: rows 30-45, several query heads of one KV head per
+    # program (pack_heads) and the query tile held in registers (q_reg); neither faster than the
+    # default on the H200, both removed again; figures in RESULTS.md)
 ]
 
 

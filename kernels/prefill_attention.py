@@ -75,7 +75,10 @@ def _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2):
     made the kernel 1.1-2x slower. So was FlashAttention-3's in-warpgroup overlap written out
     by hand, the next tile's scores issued before this tile's softmax: 1.1-1.5x slower with
     64 x 64 tiles, and 128 x 128 tiles no longer fit in shared memory; triton 3.6 did not turn
-    it into overlap. See benchmarks/RESULTS.md.)"""
+    it into overlap. Also measured and removed (2026-12-04, seventh session): the query tile held
+    in registers, so each q.K^T dot reads only K from shared memory (no faster: within the 3 %
+    spread of repeated timings, slower with fewer stages), and several query heads of one KV
+    head stacked in one tile (no faster with 64-row tiles, slower with 128). See RESULTS.md.)"""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
     alpha = tl.math.exp2(m_i - m_new)
     acc = acc * alpha[:, None]
@@ -255,27 +258,20 @@ def _prefill_kernel(
     Q_TMA: tl.constexpr,  # load the query tile by TMA (it stays in shared memory for the dots)
     O_TMA: tl.constexpr,  # store whole output tiles by TMA (a partial last tile by pointers)
     WS: tl.constexpr,  # warp-specialize the loop over whole tiles of new keys (producer/consumer warps)
-    PACK: tl.constexpr,  # query heads per program (of one KV head): tile row r is head PACK * g + r // ROWS
-    Q_REG: tl.constexpr,  # hold the query tile in registers (the q.K^T dots read only K from shared memory)
 ):
-    # With PACK > 1 a tile stacks PACK heads' rows of the same ROWS positions: one K/V tile feeds
-    # a PACK x larger dot, while the causal diagonal stays as narrow as ROWS positions.
-    ROWS: tl.constexpr = BLOCK_M // PACK  # query positions per program
-    h = tl.program_id(0) * PACK  # the program's first query head
+    h = tl.program_id(0)
     b = tl.program_id(1)
     mblk = tl.num_programs(2) - 1 - tl.program_id(2)  # heaviest (last) query blocks first
 
     q_start = tl.load(Query_start_loc + b)
     q_len = tl.load(Query_start_loc + b + 1) - q_start
-    if mblk * ROWS >= q_len:
+    if mblk * BLOCK_M >= q_len:
         return
     seq_len = tl.load(Seq_lens + b)
     ctx = seq_len - q_len
     kvh = h // GROUP
 
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_m = mblk * ROWS + offs_r % ROWS  # each row's index among the new tokens
-    head_r = h + offs_r // ROWS  # each row's query head
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
@@ -283,28 +279,22 @@ def _prefill_kernel(
     if Q_TMA:
         # rows past the sequence's end belong to the next sequence (or are zeros past T): their
         # scores are computed and never stored
-        q = desc_q.load([q_start + mblk * BLOCK_M, h * HEAD_DIM])  # (PACK == 1)
+        q = desc_q.load([q_start + mblk * BLOCK_M, h * HEAD_DIM])
     else:
         q = tl.load(
-            Q + rows[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_d[None, :],
+            Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
             mask=mask_m[:, None] & mask_d[None, :],
             other=0.0,
         )
-    if Q_REG:
-        # a value computed in registers (not a load) stays there as the A operand of the Hopper
-        # tensor-core dot: each q.K^T then reads only its K tile from shared memory, half the
-        # shared-memory traffic of the 64-key dots (which read A and B at about the rate the
-        # tensor cores consume them). Rows past the sequence are zeroed (they are never stored).
-        q = tl.where(mask_m[:, None], q, 0.0)
     q_pos = ctx + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    first_pos = ctx + mblk * ROWS  # position of the block's first row
+    first_pos = ctx + mblk * BLOCK_M  # position of the block's first row
     diag_start = first_pos // BLOCK_N * BLOCK_N  # every key before this is visible to every row
-    end = tl.minimum(seq_len, first_pos + ROWS)  # the last row's causal limit
+    end = tl.minimum(seq_len, first_pos + BLOCK_M)  # the last row's causal limit
     bt_row = Block_tables + b.to(tl.int64) * stride_bt
     k_head = K_cache + kvh * stride_kh
     v_head = V_cache + kvh * stride_vh
@@ -325,13 +315,13 @@ def _prefill_kernel(
         # table): whole tiles before the block's first row, then the diagonal, masked
         k_new = K_new + kvh * stride_knh
         v_new = V_new + kvh * stride_vnh
-        first_row = mblk * ROWS
+        first_row = mblk * BLOCK_M
         diag_j = first_row // BLOCK_N * BLOCK_N  # every new key before this is visible to every row
         for j0 in tl.range(0, diag_j, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, False)
-        for j0 in range(diag_j, tl.minimum(q_len, first_row + ROWS), BLOCK_N):
+        for j0 in range(diag_j, tl.minimum(q_len, first_row + BLOCK_M), BLOCK_N):
             acc, m_i, l_i = _attend_new_tile(
                 q, acc, m_i, l_i, j0, q_start, q_len, offs_m, k_new, v_new, desc_k, desc_v, kvh * HEAD_DIM,
                 sm_scale_log2, stride_knt, stride_vnt, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_IEEE, NEW_KV, True)
@@ -348,11 +338,11 @@ def _prefill_kernel(
                 stride_kb, stride_kt, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_IEEE, True)
 
     acc = acc / l_i[:, None]
-    if O_TMA and (mblk + 1) * BLOCK_M <= q_len:  # (PACK == 1)
+    if O_TMA and (mblk + 1) * BLOCK_M <= q_len:
         desc_o.store([q_start + mblk * BLOCK_M, h * HEAD_DIM], acc.to(Out.dtype.element_ty))
     else:
         tl.store(
-            Out + rows[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_d[None, :],
+            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
             acc.to(Out.dtype.element_ty),
             mask=mask_m[:, None] & mask_d[None, :],
         )
@@ -375,7 +365,7 @@ def _tma_capable(device: torch.device) -> bool:
 def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context_len: int = 0,
                    elem_size: int = 2) -> dict:
     """The launcher's defaults: BLOCK_M, BLOCK_N, num_warps, num_stages, TABLE_AHEAD, new_kv,
-    q_tma, o_tma, warp_specialize, q_reg.
+    q_tma, o_tma, warp_specialize.
 
     From the H200 sweeps of 2026-12-04 (benchmarks/exp_prefill.py, bf16, 32/8 heads,
     D=128; in RESULTS.md): for prompts up to a few thousand tokens without a long cached
@@ -392,7 +382,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     block_d = max(16, triton.next_power_of_2(head_size))
     if not on_gpu:  # the CPU interpreter: small tiles run fastest
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1, table_ahead=True, new_kv="pointers",
-                    q_tma=False, o_tma=False, warp_specialize=False, q_reg=False)
+                    q_tma=False, o_tma=False, warp_specialize=False)
     if block_d > 128:  # head size 256: bound the registers and shared memory of a tile
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 3
     elif max_context_len >= 2048 or max_query_len >= 8192:
@@ -404,7 +394,7 @@ def prefill_config(max_query_len: int, head_size: int, on_gpu: bool, max_context
     # short prompts (decode tokens of a mixed step, small chunks) do not fill a query tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, table_ahead=True,
-                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False, q_reg=False)
+                new_kv="tma", q_tma=True, o_tma=True, warp_specialize=False)
 
 
 def _tma_ok(D, BLOCK_D, *tensors) -> bool:
@@ -441,8 +431,6 @@ def prefill_attention(
     q_tma: bool | None = None,  # the query tile by TMA (None: the config's; off where TMA cannot describe it)
     o_tma: bool | None = None,  # whole output tiles stored by TMA (same)
     warp_specialize: bool | None = None,  # warp-specialize the whole-tile loop over new keys
-    pack_heads: int = 1,  # query heads of one KV head per program (their rows stacked in one tile)
-    q_reg: bool | None = None,  # the query tile in registers as the q.K^T dots' operand (None: the config's)
 ) -> torch.Tensor:
     """Causal varlen attention of the step's new tokens over the paged cache.
 
@@ -456,11 +444,7 @@ def prefill_attention(
     `key`/`value` by TMA, whole [BLOCK_N, D] tiles, and so do the query tile and every whole
     output tile (a sequence's partial last block is stored by pointers).
     The query blocks and heads are all independent programs: grid (Hq, B, cdiv(max_query_len,
-    BLOCK_M)), heaviest blocks first. With pack_heads = P > 1 (an experiment, not a default: see
-    benchmarks/exp_prefill.py), a program stacks the rows of P query heads of one KV head for
-    BLOCK_M / P positions: grid (Hq / P, B, cdiv(max_query_len, BLOCK_M / P)); every K/V tile
-    then feeds a dot of BLOCK_M rows while the causal diagonal spans only BLOCK_M / P positions.
-    The query and output go by pointers then (their TMA tiles are one head's rows).
+    BLOCK_M)), heaviest blocks first.
     """
     T, Hq, D = query.shape
     _, page_size, Hkv, Dk = k_cache.shape
@@ -490,16 +474,11 @@ def prefill_attention(
                 raise ValueError("new_kv='tma' needs a power-of-two head size, [T, Hkv * D] rows with "
                                  "16-byte aligned strides, and a Hopper GPU (or the interpreter)")
             mode = "pointers"  # the default falls back where TMA cannot describe the tensors
-    group = Hq // Hkv
-    if pack_heads < 1 or group % pack_heads or BLOCK_M % pack_heads:
-        raise ValueError(f"pack_heads={pack_heads} must divide the query heads per KV head ({group}) "
-                         f"and BLOCK_M ({BLOCK_M})")
-    rows_per_block = BLOCK_M // pack_heads
     desc_k = desc_v = None
     if mode == "tma":
         desc_k, desc_v = (TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [BLOCK_N, D]) for t in (key, value))
-    use_q_tma = (cfg["q_tma"] if q_tma is None else q_tma) and pack_heads == 1
-    use_o_tma = (cfg["o_tma"] if o_tma is None else o_tma) and pack_heads == 1
+    use_q_tma = cfg["q_tma"] if q_tma is None else q_tma
+    use_o_tma = cfg["o_tma"] if o_tma is None else o_tma
     desc_q = desc_o = None
     if use_q_tma or use_o_tma:
         if not _tma_ok(D, BLOCK_D, query, out):
@@ -511,7 +490,7 @@ def prefill_attention(
             desc_q, desc_o = (TensorDescriptor(t, [T, Hq * D], [t.stride(0), 1], [BLOCK_M, D]) for t in (query, out))
     k_new = key if key is not None else k_cache  # unused by the paged mode (any tensor will do)
     v_new = value if value is not None else v_cache
-    grid = (Hq // pack_heads, B, triton.cdiv(max_query_len, rows_per_block))
+    grid = (Hq, B, triton.cdiv(max_query_len, BLOCK_M))
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, k_new, v_new, desc_k, desc_v, desc_q, desc_o,
         block_tables, query_start_loc, seq_lens,
@@ -522,15 +501,13 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         k_new.stride(0), k_new.stride(-2), v_new.stride(0), v_new.stride(-2),
-        GROUP=group, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PAGE_SIZE=page_size,
         TABLE_AHEAD=cfg["table_ahead"] if table_ahead is None else table_ahead,
         DOT_IEEE=dot_ieee(query.dtype, query.device),
         NEW_KV=NEW_KV_MODES[mode],
         Q_TMA=use_q_tma, O_TMA=use_o_tma,
         WS=bool(cfg["warp_specialize"] if warp_specialize is None else warp_specialize) and mode != "paged",
-        PACK=pack_heads,
-        Q_REG=bool(cfg["q_reg"] if q_reg is None else q_reg),
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
         **(dict(maxnreg=maxnreg) if maxnreg and query.device.type == "cuda" else {}),

@@ -111,35 +111,6 @@ def test_prefill_tma_query_output_and_warp_specialize(paths, new_kv):
 
 
 @pytest.mark.parametrize("new_kv", NEW_KV)
-@pytest.mark.parametrize("pack,heads,block_m", [(2, (4, 2), 32), (4, (8, 2), 64), (2, (8, 2), 16), (4, (8, 2), 16)],
-                         ids=["p2-gqa2", "p4-gqa4", "p2-rows8", "p4-rows4"])
-def test_prefill_packed_heads(pack, heads, block_m, new_kv):
-    """pack_heads: a program stacks several query heads' rows of the same positions (GQA); each
-    block's causal diagonal, a context ending mid-tile, 1-token chunks and partial blocks."""
-    q_lens, ctx = [37, 1, 16, 50], [0, 45, 3, 21]
-    run_case(q_lens, ctx, *heads, 64, 16, torch.bfloat16, seed=pack * block_m, new_kv=new_kv,
-             block_m=block_m, block_n=16, pack_heads=pack)
-
-
-@pytest.mark.parametrize("new_kv", NEW_KV)
-@pytest.mark.parametrize("extra", [dict(), dict(pack_heads=2), dict(q_tma=True, o_tma=True)],
-                         ids=["plain", "packed", "q_tma"])
-def test_prefill_query_in_registers(extra, new_kv):
-    """q_reg: the query tile held in registers (zeroed past the sequence's end) gives the same
-    attention: partial query blocks, a block running into the next sequence's rows, a context."""
-    if extra.get("q_tma") and (TensorDescriptor is None or new_kv == "paged"):
-        pytest.skip("q_tma needs TMA descriptors")
-    q_lens, ctx = [37, 1, 16, 50], [0, 45, 3, 21]
-    run_case(q_lens, ctx, 4, 2, 64, 16, torch.bfloat16, seed=23, new_kv=new_kv, block_m=32, block_n=16,
-             q_reg=True, **extra)
-
-
-def test_prefill_packed_heads_must_divide_the_group():
-    with pytest.raises(ValueError, match="pack_heads=3"):
-        run_case([8], [0], 4, 2, 64, 16, torch.bfloat16, seed=0, pack_heads=3)
-
-
-@pytest.mark.parametrize("new_kv", NEW_KV)
 def test_prefill_peaked_scores(new_kv):
     # queries x12: rows' running maxima jump by hundreds between tiles, so the online softmax
     # rescales its output and sum often (and exp2 underflows to 0 for most keys)
@@ -233,31 +204,6 @@ def test_prefill_real_sizes_hopper_paths(tiling, paths):
         pytest.skip("TMA needs a Hopper GPU")
     q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
     run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=9, new_kv="tma", **tiling, **paths)
-
-
-@requires_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [dict(block_m=128, block_n=64, num_warps=4, num_stages=3, pack_heads=2),
-                                    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2),
-                                    dict(block_m=128, block_n=128, num_warps=8, num_stages=3, pack_heads=4)],
-                         ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
-def test_prefill_real_sizes_packed_heads(tiling):
-    q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
-    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=11, new_kv="tma", **tiling)
-
-
-@requires_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-                                    dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-                                    dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
-                                    dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-                                    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2)],
-                         ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
-@pytest.mark.parametrize("new_kv", ["pointers", "tma"])
-def test_prefill_real_sizes_query_in_registers(tiling, new_kv):
-    q_lens, ctx = [2048, 1000, 3, 517], [0, 3000, 4000, 0]
-    run_case(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, seed=12, new_kv=new_kv, q_reg=True, **tiling)
 
 
 @requires_cuda
