@@ -79,8 +79,8 @@ def _softmax_tile(qk, acc, m_i, l_i, sm_scale_log2):
     in registers, so each q.K^T dot reads only K from shared memory (no faster: within the 3 %
     spread of repeated timings, slower with fewer stages), and several query heads of one KV
     head stacked in one tile (no faster with 64-row tiles, slower with 128); and the in-warpgroup
-    overlap written in Gluon, where it does reach the sass (benchmarks/exp_prefill_gluon.py: 3-8 %
-    slower than this kernel). See RESULTS.md.)"""
+    overlap written in Gluon, where it does reach the sass (benchmarks/exp_prefill_gluon.py: 2-6 %
+    slower than this kernel; the same Gluon kernel without the overlap is on par). See RESULTS.md.)"""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
     alpha = tl.math.exp2(m_i - m_new)
     acc = acc * alpha[:, None]
