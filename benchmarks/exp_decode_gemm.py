@@ -11,8 +11,10 @@ that time. This times y = x @ W^T (nn.Linear's layout, bf16) for the step's shap
 weights rotated over copies 3x the L2 (as in the step, where 28 layers' weights stream from HBM):
 cuBLAS (F.linear) against a plain Triton GEMM over a few tilings, with and without split-K
 (fp32 partial sums added atomically, then cast: both kernels timed). Every variant is checked
-against F.linear first. Measurement only: the engine does not use this kernel. Also (sixth session,
-written without a GPU): F.linear with cuBLASLt preferred, and under PyTorch's TunableOp.
+against F.linear first. Measurement only: the engine does not use this kernel. Also: F.linear with
+cuBLASLt preferred and under PyTorch's TunableOp, cuBLAS over K slices as one batched GEMM plus a
+sum, and a one-launch Triton split-K. On the H200 (RESULTS.md, seventh session) none of them beat
+cuBLAS's pick at M = 64-256: TunableOp keeps it, splitting K is slower on every path.
 """
 from __future__ import annotations
 
@@ -38,21 +40,14 @@ FIXUP_TILINGS = [(64, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 4), (64, 64, 64, 8,
 
 
 @triton.jit
-def _gemm_kernel(
-    X,  # [M, K] activations, row-major
-    W,  # [N, K] weights (nn.Linear), row-major
-    Y,  # [M, N] output (SPLIT_K == 1: x.dtype; else fp32, zeroed, partial sums added)
-    M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    IEEE: tl.constexpr,  # the interpreter (--smoke on a CPU): exact fp32 dots, as labengine's kernels
-):
-    pid_n = tl.program_id(0)  # N fastest: the programs of one row block share the activations
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _partial_tile(X, W, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+    """This program's fp32 tile of X @ W^T over its K split: (acc, offs_m, offs_n). Grid (N tiles,
+    M tiles, SPLIT_K), N fastest: the programs of one row block share the activations."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k0 = pid_k * k_per
+    k0 = tl.program_id(2) * k_per
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k0, tl.minimum(k0 + k_per, K), BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -62,6 +57,19 @@ def _gemm_kernel(
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
+    return acc, offs_m, offs_n
+
+
+@triton.jit
+def _gemm_kernel(
+    X,  # [M, K] activations, row-major
+    W,  # [N, K] weights (nn.Linear), row-major
+    Y,  # [M, N] output (SPLIT_K == 1: x.dtype; else fp32, zeroed, partial sums added)
+    M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,  # the interpreter (--smoke on a CPU): exact fp32 dots, as labengine's kernels
+):
+    acc, offs_m, offs_n = _partial_tile(X, W, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, IEEE)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = Y + offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
@@ -87,19 +95,7 @@ def _gemm_splitk_fixup_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k0 = pid_k * k_per
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k0, tl.minimum(k0 + k_per, K), BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        x = tl.load(X + offs_m[:, None] * K + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
-        w = tl.load(W + offs_n[None, :] * K + offs_k[:, None], mask=offs_n[None, :] < N, other=0.0)
-        if IEEE:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+    acc, offs_m, offs_n = _partial_tile(X, W, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, IEEE)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs = offs_m[:, None] * N + offs_n[None, :]
     tl.store(Part + pid_k * M * N + offs, acc, mask=mask)
@@ -155,7 +151,7 @@ def gemm(x, w, bm, bn, bk, split, warps, stages, acc=None):
 
 def with_blas_library(lib, x, w):
     """F.linear with torch's BLAS backend preference set to lib ("cublas" or "cublaslt") for this
-    call (sixth session, not yet run on a GPU: does cuBLASLt's heuristic pick better tiles at M <= 256?)."""
+    call (does cuBLASLt's heuristic pick better tiles at M <= 256? On the H200: within 0.5 us)."""
     prev = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library(lib)
     try:
@@ -166,8 +162,8 @@ def with_blas_library(lib, x, w):
 
 def tuned_linear(x, w):
     """F.linear under PyTorch's TunableOp (torch.cuda.tunable): the first call for a shape times
-    the BLAS solutions it can enumerate and keeps the fastest (sixth session, not yet run on a GPU;
-    results written to a file in the temporary folder at exit)."""
+    the BLAS solutions it can enumerate and keeps the fastest (results written to a file in the
+    temporary folder at exit; on the H200 it kept cuBLAS's pick for every shape)."""
     tunable = torch.cuda.tunable
     was = tunable.is_enabled()
     tunable.enable(True)
