@@ -140,8 +140,20 @@ def _assert_close(a, b, where):
 
 @pytest.mark.parametrize("name,arch,overrides,preemption", CASES, ids=[c[0] for c in CASES])
 def test_tp2_equals_tp1(tmp_path, name, arch, overrides, preemption):
+    _check_tp2_equals_tp1(tmp_path, name, arch, overrides, preemption, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("name,arch,overrides,preemption", CASES, ids=[c[0] for c in CASES])
+def test_tp2_equals_tp1_on_two_gpus(tmp_path, name, arch, overrides, preemption):
+    """The same on two GPUs (NCCL), float32: rank r on cuda:r, the one-rank engine on cuda:0."""
+    _check_tp2_equals_tp1(tmp_path, name, arch, overrides, preemption, "cuda")
+
+
+def _check_tp2_equals_tp1(tmp_path, name, arch, overrides, preemption, device):
     path = str(make_random_model(arch, tmp_path / name, **overrides))
-    kw = dict(ENGINE_KW, preemption_mode=preemption)
+    kw = dict(ENGINE_KW, preemption_mode=preemption, device=device)
     ref = _workload(LLM(path, tensor_parallel_size=1, **kw))
     llm = LLM(path, tensor_parallel_size=2, **kw)
     try:
