@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: `device="cpu", tensor_parallel_size=2` through gloo.
+"""Tensor parallelism on CPU: `device="cpu", tensor_parallel_size=2` through gloo (and the
+greedy-equality cases on two GPUs through NCCL, where a machine has them).
 
 Greedy outputs and logprobs with two ranks equal one rank's (float32) for every architecture,
 under preemption (recompute and swap) and aborts; the KV cache is split by KV heads (and a
