@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
         if self.kernels is not None:
             # the same kernel writes k and v into the paged cache when the backend allows it and
             # the cache fits the kernel (else the backend stores them, as before): one launch fewer
-            kv_stored = getattr(self.attn, "stores_kv_in_rope", False) and self.kernels.kv_store_fits(
+            kv_stored = self.attn.stores_kv_in_rope and self.kernels.kv_store_fits(
                 qkv, kv_cache, self.num_heads, self.num_kv_heads, self.head_dim)
             q, k = self.kernels.qk_norm_rope(
                 qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
